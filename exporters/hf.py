@@ -1,0 +1,57 @@
+"""Exporter ``hf``: safetensors (sharded when large) + config.json with auto_map + the modeling files +
+tokenizer, so that ``AutoModelForCausalLM.from_pretrained(dir, trust_remote_code=True)`` loads the
+per-layer-shaped model without flatllm_export installed."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from flatllm_export.modeling import configuration_flatllm, modeling_flatllm
+from flatllm_export.modeling.loading import DTYPES, load_model
+
+from . import ExportContext, ExportError, register
+
+AUTO_MAP = {
+    "AutoConfig": "configuration_flatllm.FlatLlamaConfig",
+    "AutoModelForCausalLM": "modeling_flatllm.FlatLlamaForCausalLM",
+}
+
+
+def save_hf(model, tokenizer, out: Path, dtype: str = "float32", max_shard_size: str = "2GB") -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    target = DTYPES[dtype]
+    state = {k: v.to(target) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    model.config.auto_map = dict(AUTO_MAP)
+    old_dtype = getattr(model.config, "torch_dtype", None)
+    model.config.torch_dtype = target
+    try:
+        model.save_pretrained(out, state_dict=state, safe_serialization=True, max_shard_size=max_shard_size)
+    finally:
+        model.config.torch_dtype = old_dtype
+    for module in (configuration_flatllm, modeling_flatllm):
+        shutil.copy(module.__file__, out / Path(module.__file__).name)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+
+
+@register("hf")
+def export_hf(model, tokenizer, out: Path, ctx: ExportContext) -> dict:
+    save_hf(model, tokenizer, out, ctx.dtype)
+    report = {"path": out.name, "dtype": ctx.dtype,
+              "bytes": sum(f.stat().st_size for f in out.iterdir() if f.suffix == ".safetensors")}
+    if ctx.sample is not None:
+        reloaded = load_model(str(out), dtype=ctx.dtype)
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            want = model(ctx.sample.to(device), use_cache=False).logits.float().cpu()
+            got = reloaded(ctx.sample, use_cache=False).logits.float()
+        diff = (want - got).abs().max().item()
+        tol = 1e-5 if ctx.dtype == "float32" and next(model.parameters()).dtype == torch.float32 else 5e-2 * max(
+            1.0, want.abs().max().item())
+        report["max_abs_logit_diff"] = diff
+        if diff > tol:
+            raise ExportError(f"hf export at {out} does not reproduce the model: max |logit diff| {diff:.3g} > {tol:.3g}")
+    return report

@@ -1,0 +1,90 @@
+"""run(recipe): load -> evaluate -> compress -> evaluate -> export, each a timed stage, into one report."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from . import accounting, data, report
+from .evaluate import perplexity, torch_logits_fn
+from .modeling import load_model, load_tokenizer
+from .recipe import Recipe, dump_recipe
+from .stages import OutputDir, StageLog
+
+
+def evaluation_windows(recipe: Recipe, tokenizer) -> torch.Tensor:
+    ev = recipe.evaluation
+    tokens = data.tokenize(tokenizer, data.load_text(ev.dataset, ev.split))
+    return data.evaluation_windows(tokens, ev.seqlen, ev.max_windows)
+
+
+def calibration_windows(recipe: Recipe, tokenizer) -> torch.Tensor:
+    cal = recipe.calibration
+    tokens = data.tokenize(tokenizer, data.load_text(cal.dataset, "train"))
+    return data.calibration_windows(tokens, cal.nsamples, cal.seqlen, cal.seed)
+
+
+def _evaluate(model, recipe: Recipe, windows: torch.Tensor, desc: str) -> dict:
+    return perplexity(torch_logits_fn(model), windows, recipe.evaluation.batch_size, desc=desc)
+
+
+def run(recipe: Recipe, output: str | Path, overwrite: bool = False) -> dict:
+    """Run every section the recipe has; returns the report (also written as report.json / report.md)."""
+    out = OutputDir(output, overwrite)
+    out.check()  # before any work
+    log = StageLog()
+    rep: dict = {"recipe": recipe.model_dump(exclude_none=True), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                 "environment": {"python": platform.python_version(), "torch": torch.__version__,
+                                 "host": platform.machine()}}
+    with out as work:
+        (work / "recipe.yaml").write_text(dump_recipe(recipe))
+        with log.stage("load") as st:
+            model = load_model(recipe.model.path, recipe.model.dtype, recipe.model.device)
+            tokenizer = load_tokenizer(recipe.model.path)
+            st.update(path=model.name_or_path, source_model_type=model.config.source_model_type)
+        rep["model"] = {"path": recipe.model.path, "layers": model.config.num_hidden_layers,
+                        "parameters": accounting.model_params(model),
+                        "decoder_linear_params": accounting.decoder_linear_params(model.config)}
+        eval_windows = None
+        if recipe.evaluation:
+            with log.stage("evaluate_dense") as st:
+                eval_windows = evaluation_windows(recipe, tokenizer)
+                st.update(_evaluate(model, recipe, eval_windows, "ppl dense"))
+            rep["perplexity"] = {"dense": log.stages["evaluate_dense"]["ppl"]}
+        calib = None
+        if recipe.compression:
+            from .compress import compress
+
+            with log.stage("calibration_data") as st:
+                calib = calibration_windows(recipe, tokenizer)
+                st.update(windows=list(calib.shape))
+            with log.stage("compress") as st:
+                st.update(compress(model, calib, recipe.compression, recipe.model.device,
+                                   recipe.calibration.batch_size))
+            rep["compression"] = log.stages["compress"]
+            rep["model"]["parameters_after"] = accounting.model_params(model)
+            report.plot_allocation(rep["compression"], work / "allocation.png")
+            if eval_windows is not None:
+                with log.stage("evaluate_compressed") as st:
+                    st.update(_evaluate(model, recipe, eval_windows, "ppl compressed"))
+                rep["perplexity"]["compressed"] = log.stages["evaluate_compressed"]["ppl"]
+        if recipe.export:
+            from exporters import ExportContext, export
+
+            sample = eval_windows[:2, :64] if eval_windows is not None else torch.randint(
+                0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+            ctx = ExportContext(dtype=recipe.export.dtype, sample=sample)
+            rep["exports"] = {}
+            for target in recipe.export.targets:
+                with log.stage(f"export_{target}") as st:
+                    st.update(export(target, model, tokenizer, work / target, ctx))
+                rep["exports"][target] = log.stages[f"export_{target}"]
+        rep["stages"] = log.stages
+        rep["total_seconds"] = round(sum(s["seconds"] for s in log.stages.values()), 2)
+        (work / "report.json").write_text(json.dumps(rep, indent=1) + "\n")
+        (work / "report.md").write_text(report.markdown(rep))
+    return rep

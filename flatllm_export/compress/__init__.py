@@ -1,0 +1,16 @@
+"""Compression methods. Each is math in pure functions plus a thin method for the shared calibration engine;
+``compress`` dispatches on the recipe's ``compression.method``."""
+
+from __future__ import annotations
+
+from .flatllm import CompressionError, compress_flatllm
+
+
+def compress(model, windows, section, device: str = "cpu", batch_size: int = 8) -> dict:
+    if section.method == "flatllm":
+        return compress_flatllm(model, windows, section.ratio, section.allocation, section.qk, section.round_to,
+                                section.ridge, device, batch_size)
+    raise CompressionError(f"compression.method '{section.method}' is not implemented")
+
+
+__all__ = ["CompressionError", "compress", "compress_flatllm"]

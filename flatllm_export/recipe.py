@@ -1,0 +1,189 @@
+"""Recipes: YAML -> a typed, self-checking Recipe. Unknown keys, wrong types, out-of-range values and missing
+files fail before any work starts, with the key path, the bad value and what is allowed."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from . import data
+from .modeling.loading import DTYPES, SHORT_NAMES
+
+
+class RecipeError(ValueError):
+    """A recipe is not valid; the message names every problem with its key path."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+def _check_dataset(value: str) -> str:
+    known = ("shakespeare",) + data.HUB_DATASETS
+    if value in known or data.local_files(value):
+        return value
+    raise ValueError(f"'{value}' is neither a known dataset ({', '.join(known)}) nor an existing text file or glob")
+
+
+class ModelSection(Strict):
+    path: str = Field(description="local HF folder, short name (ref-llama, ref-gqa) or hub id")
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    device: str = "cpu"
+
+    @field_validator("path")
+    @classmethod
+    def _path(cls, v: str) -> str:
+        if v in SHORT_NAMES or os.path.isdir(os.path.expanduser(v)):
+            return v
+        if v.startswith((".", "/", "~")) or v.count("/") != 1:
+            raise ValueError(f"'{v}' is not an existing model folder, a short name ({', '.join(SHORT_NAMES)}) "
+                             "or a hub id like 'meta-llama/Llama-2-7b-hf'")
+        return v  # a hub id: checked when downloaded
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        base = v.split(":")[0]
+        if base not in ("cpu", "cuda") or (":" in v and not v.split(":", 1)[1].isdigit()):
+            raise ValueError(f"'{v}' is not a device; use cpu, cuda or cuda:N")
+        return v
+
+
+class CalibrationSection(Strict):
+    dataset: str = "shakespeare"
+    nsamples: int = Field(128, ge=1, le=100_000)
+    seqlen: int = Field(256, ge=8, le=131_072)
+    seed: int = 0
+    batch_size: int = Field(8, ge=1, le=1024)
+
+    _dataset = field_validator("dataset")(classmethod(lambda cls, v: _check_dataset(v)))
+
+
+class EvaluationSection(Strict):
+    dataset: str = "shakespeare"
+    split: Literal["train", "validation", "test"] = "test"
+    seqlen: int = Field(256, ge=8, le=131_072)
+    max_windows: Optional[int] = Field(None, ge=1)
+    batch_size: int = Field(8, ge=1, le=1024)
+
+    _dataset = field_validator("dataset")(classmethod(lambda cls, v: _check_dataset(v)))
+
+
+class CompressionSection(Strict):
+    method: Literal["flatllm"] = "flatllm"
+    ratio: float = Field(0.3, ge=0.0, le=0.9, description="fraction of decoder linear-weight parameters removed")
+    allocation: Literal["iprs", "uniform"] = "iprs"
+    qk: bool = False
+    round_to: Literal[1, 2, 4, 8, 16, 32, 64, 128] = 1
+    ridge: float = Field(1.0, gt=0.0)
+
+
+class QuantizationSection(Strict):
+    method: Literal["gptq"] = "gptq"
+    bits: Literal[2, 3, 4, 8] = 4
+    group_size: int = 128
+    sym: bool = True
+    desc_act: bool = False
+    damp_percent: float = Field(0.01, gt=0.0, lt=1.0)
+    block_size: int = Field(128, ge=1)
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, v: int) -> int:
+        if v != -1 and (v < 16 or v & (v - 1)):
+            raise ValueError(f"{v} is not allowed; use -1 (one group per row) or a power of two >= 16")
+        return v
+
+
+class ExportSection(Strict):
+    targets: list[str] = Field(default_factory=lambda: ["hf"])
+    dtype: Literal["float32", "float16"] = "float32"
+
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, v: list[str]) -> list[str]:
+        from exporters import EXPORTERS
+
+        unknown = [t for t in v if t not in EXPORTERS]
+        if unknown:
+            raise ValueError(f"unknown export target(s) {unknown}; available: {sorted(EXPORTERS)}")
+        if len(set(v)) != len(v):
+            raise ValueError(f"targets repeat: {v}")
+        return v
+
+
+class Recipe(Strict):
+    model: ModelSection
+    calibration: CalibrationSection = Field(default_factory=CalibrationSection)
+    evaluation: Optional[EvaluationSection] = None
+    compression: Optional[CompressionSection] = None
+    quantization: Optional[QuantizationSection] = None
+    export: Optional[ExportSection] = None
+
+    @model_validator(mode="after")
+    def _cross(self) -> "Recipe":
+        if self.export and "gptq" in self.export.targets and self.quantization is None:
+            raise ValueError("export.targets has 'gptq' but there is no quantization section to produce it")
+        return self
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = [f"recipe {source} is not valid:"]
+    for err in exc.errors():
+        path = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (check its spelling; see recipes/ for the allowed keys)"
+        elif err["type"] == "missing":
+            msg = "required key is missing"
+        value = "" if err["type"] == "missing" else f" (got {err.get('input')!r})"
+        lines.append(f"  - {path}: {msg}{value}")
+    return "\n".join(lines)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """``KEY.PATH=VALUE`` overrides (VALUE parsed as YAML) on a raw recipe dict."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"--set '{item}' must look like KEY.PATH=VALUE, e.g. compression.ratio=0.5")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = raw
+        for p in parts[:-1]:
+            if node.get(p) is None:
+                node[p] = {}
+            if not isinstance(node[p], dict):
+                raise RecipeError(f"--set {key}: '{p}' is a value, not a section")
+            node = node[p]
+        node[parts[-1]] = yaml.safe_load(value)
+    return raw
+
+
+def parse_recipe(raw: dict, source: str = "<dict>") -> Recipe:
+    if not isinstance(raw, dict):
+        raise RecipeError(f"recipe {source} must be a YAML mapping of sections (model, calibration, ...)")
+    try:
+        return Recipe.model_validate(raw)
+    except ValidationError as exc:
+        raise RecipeError(_format_errors(exc, source)) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise RecipeError(f"recipe {path} is not valid YAML: {exc}") from None
+    return parse_recipe(apply_overrides(raw or {}, list(overrides)), str(path))
+
+
+def dump_recipe(recipe: Recipe) -> str:
+    return yaml.safe_dump(recipe.model_dump(exclude_none=True), sort_keys=False)

@@ -1,0 +1,82 @@
+"""Readable reports: Markdown from the JSON report, and the allocation plot."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def plot_allocation(section: dict, path: Path) -> None:
+    """Bar plot of per-layer importance (block influence) and kept ratio."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layers = [r["layer"] for r in section["layers"]]
+    fig, ax = plt.subplots(figsize=(max(5, 0.35 * len(layers) + 3), 3.2))
+    width = 0.4
+    ax.bar([i - width / 2 for i in layers], [r["kept_ratio"] for r in section["layers"]], width, label="kept ratio")
+    if section["layers"][0].get("importance") is not None:
+        imp = [r["importance"] for r in section["layers"]]
+        top = max(imp) or 1.0
+        ax.bar([i + width / 2 for i in layers], [v / top for v in imp], width, label="importance (relative)")
+    ax.set_xlabel("decoder layer")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(f"{section['method']} {section.get('allocation', '')}: requested {section['requested_ratio']:.0%}, "
+                 f"achieved {section['achieved_ratio']:.2%}")
+    ax.legend(loc="lower left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _table(rows: list[dict], cols: list[str]) -> str:
+    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        out.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
+    return "\n".join(out)
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def markdown(rep: dict) -> str:
+    m = rep["model"]
+    lines = [f"# flatllm-export report: {m['path']}", "",
+             f"- layers: {m['layers']}, parameters: {m['parameters']:,}"
+             + (f" -> {m['parameters_after']:,}" if "parameters_after" in m else ""),
+             f"- decoder linear-weight parameters: {m['decoder_linear_params']:,}", ""]
+    if "perplexity" in rep:
+        ev = rep["recipe"].get("evaluation", {})
+        lines += ["## Perplexity", "",
+                  f"{ev.get('dataset')} / {ev.get('split')}, windows of {ev.get('seqlen')} tokens", "",
+                  _table([{"model": k, "ppl": v} for k, v in rep["perplexity"].items()], ["model", "ppl"]), ""]
+    if "compression" in rep:
+        c = rep["compression"]
+        lines += ["## Compression", "",
+                  f"- method {c['method']}, allocation {c.get('allocation')}, qk {c.get('qk')}, round_to {c.get('round_to')}",
+                  f"- requested ratio {c['requested_ratio']:.4f}, achieved {c['achieved_ratio']:.4f} "
+                  f"({c['decoder_linear_params_before']:,} -> {c['decoder_linear_params_after']:,} decoder linear params)",
+                  "", "![allocation](allocation.png)", "",
+                  _table(c["layers"], list(c["layers"][0].keys())), ""]
+        if c.get("damping"):
+            lines += [f"- damping needed: {c['damping']}", ""]
+    if "quantization" in rep:
+        q = rep["quantization"]
+        lines += ["## Quantization", "", "\n".join(f"- {k}: {_fmt(v)}" for k, v in q.items() if k != "layers"), ""]
+    if "exports" in rep:
+        lines += ["## Exports", "", _table([{"target": k, **{kk: vv for kk, vv in v.items() if not isinstance(vv, dict)}}
+                                            for k, v in rep["exports"].items()],
+                                           ["target", "path", "bytes", "max_abs_logit_diff", "seconds"]), ""]
+    if "validation" in rep:
+        v = rep["validation"]
+        lines += ["## Validation", "", _table(v["rows"], list(v["rows"][0].keys())), "",
+                  f"**{'PASS' if v['passed'] else 'FAIL'}** (max ppl relative difference allowed {v['tolerance']})", ""]
+    lines += ["## Stages", "", _table([{"stage": k, "seconds": s["seconds"], "peak_rss_mb": s["peak_rss_mb"]}
+                                       for k, s in rep["stages"].items()], ["stage", "seconds", "peak_rss_mb"]), ""]
+    return "\n".join(lines)
