@@ -120,16 +120,17 @@ def _check_finite(t: torch.Tensor, index: int, module: str) -> None:
 class FlatLLMLayerMethod:
     """Engine method: collect V (and Q/K) output and down_proj input covariances, then shrink the layer."""
 
-    def __init__(self, config, plan: list[dict], ridge: float = 1.0):
-        self.config, self.plan, self.ridge = config, plan, ridge
+    def __init__(self, config, plan: list[dict], ridge: float = 1.0, full_rank_too: bool = False):
+        # full_rank_too: run PCA / Nystrom even where the plan keeps full size (exactness checks use it)
+        self.config, self.plan, self.ridge, self.full_rank_too = config, plan, ridge, full_rank_too
         self.damping: dict[str, float] = {}
 
     def process_layer(self, index, layer, run) -> bool:
         cur, target = self.config.layer_shapes[index], self.plan[index]
         attn, mlp = layer.self_attn, layer.mlp
         dev = attn.v_proj.weight.device
-        do_v = target["v_head_dim"] < cur["v_head_dim"]
-        do_mlp = target["intermediate_size"] < cur["intermediate_size"]
+        do_v = target["v_head_dim"] < cur["v_head_dim"] or self.full_rank_too
+        do_mlp = target["intermediate_size"] < cur["intermediate_size"] or self.full_rank_too
         do_qk = target["qk_rank"] is not None and cur["qk_rank"] is None
         if not (do_v or do_mlp or do_qk):
             return False

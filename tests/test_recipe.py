@@ -1,0 +1,102 @@
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from flatllm_export.recipe import RecipeError, apply_overrides, load_recipe, parse_recipe
+
+GOOD = {"model": {"path": "ref-llama"}, "evaluation": {"seqlen": 128}}
+
+
+def bad(raw, *needles):
+    with pytest.raises(RecipeError) as err:
+        parse_recipe(raw, "r.yaml")
+    for n in needles:
+        assert n in str(err.value), str(err.value)
+    return str(err.value)
+
+
+def test_good_recipe_parses_with_defaults():
+    r = parse_recipe(GOOD)
+    assert r.calibration.nsamples == 128 and r.evaluation.seqlen == 128 and r.compression is None
+
+
+def test_unknown_top_level_key():
+    bad({**GOOD, "compresion": {"ratio": 0.3}}, "compresion", "unknown key")
+
+
+def test_unknown_nested_key_names_path():
+    bad({**GOOD, "compression": {"ratio": 0.3, "rato": 0.2}}, "compression.rato", "unknown key")
+
+
+def test_wrong_type():
+    bad({**GOOD, "calibration": {"nsamples": "many"}}, "calibration.nsamples", "'many'")
+
+
+def test_out_of_range_ratio():
+    bad({**GOOD, "compression": {"ratio": 1.5}}, "compression.ratio", "less than or equal to 0.9", "1.5")
+
+
+def test_bad_enum_dtype():
+    bad({"model": {"path": "ref-llama", "dtype": "int8"}}, "model.dtype", "float32", "int8")
+
+
+def test_missing_model_section():
+    bad({"evaluation": {}}, "model", "required key is missing")
+
+
+def test_missing_model_folder():
+    bad({"model": {"path": "./no/such/model"}}, "model.path", "not an existing model folder")
+
+
+def test_missing_dataset_file():
+    bad({**GOOD, "calibration": {"dataset": "/no/such/*.txt"}}, "calibration.dataset", "neither a known dataset")
+
+
+def test_unknown_export_target():
+    bad({**GOOD, "export": {"targets": ["tflite"]}}, "export.targets", "tflite", "available")
+
+
+def test_bad_group_size():
+    bad({**GOOD, "quantization": {"group_size": 100}}, "quantization.group_size", "power of two")
+
+
+def test_bad_device():
+    bad({"model": {"path": "ref-llama", "device": "tpu"}}, "model.device", "cpu, cuda or cuda:N")
+
+
+def test_several_errors_reported_together():
+    msg = bad({"model": {"path": "ref-llama", "dtype": "x"}, "compression": {"ratio": -1}}, "model.dtype",
+              "compression.ratio")
+    assert msg.count("\n  - ") == 2
+
+
+def test_overrides_set_nested_values_and_reject_bad_syntax():
+    raw = apply_overrides(GOOD, ["compression.ratio=0.5", "evaluation.max_windows=3"])
+    assert raw["compression"]["ratio"] == 0.5 and raw["evaluation"]["max_windows"] == 3
+    with pytest.raises(RecipeError, match="KEY.PATH=VALUE"):
+        apply_overrides(GOOD, ["compression.ratio"])
+
+
+def test_invalid_yaml_and_missing_file(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text("model: {path: ref-llama\n")
+    with pytest.raises(RecipeError, match="not valid YAML"):
+        load_recipe(p)
+    with pytest.raises(RecipeError, match="does not exist"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_every_shipped_recipe_is_valid():
+    from pathlib import Path
+
+    for path in sorted((Path(__file__).parents[1] / "recipes").glob("*.yaml")):
+        load_recipe(path)
+
+
+def test_cli_check_reports_key_path_and_exit_code(tmp_path):
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump({**GOOD, "compression": {"ratio": 3}}))
+    res = subprocess.run([sys.executable, "-m", "flatllm_export.cli", "check", str(p)], capture_output=True, text=True)
+    assert res.returncode == 2 and "compression.ratio" in res.stderr and "Traceback" not in res.stderr
