@@ -37,4 +37,4 @@ def export(name: str, model, tokenizer, out: Path, ctx: ExportContext) -> dict:
     return EXPORTERS[name](model, tokenizer, Path(out), ctx)
 
 
-from . import hf  # noqa: E402,F401  (registers itself)
+from . import gptq, hf  # noqa: E402,F401  (register themselves)

@@ -11,6 +11,7 @@ import torch
 
 from flatllm_export.modeling import configuration_flatllm, modeling_flatllm
 from flatllm_export.modeling.loading import DTYPES, load_model
+from flatllm_export.quantize.checkpoint import dequantized_state_dict
 
 from . import ExportContext, ExportError, register
 
@@ -23,14 +24,19 @@ AUTO_MAP = {
 def save_hf(model, tokenizer, out: Path, dtype: str = "float32", max_shard_size: str = "2GB") -> None:
     out.mkdir(parents=True, exist_ok=True)
     target = DTYPES[dtype]
-    state = {k: v.to(target) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    # a GPTQ model is written with its dequantized weights: loadable anywhere, same numbers as in memory
+    state = dequantized_state_dict(model, target)
     model.config.auto_map = dict(AUTO_MAP)
-    old_dtype = getattr(model.config, "torch_dtype", None)
+    saved = {k: getattr(model.config, k, None) for k in ("torch_dtype", "quantization_config")}
     model.config.torch_dtype = target
+    if saved["quantization_config"] is not None:
+        del model.config.quantization_config
     try:
         model.save_pretrained(out, state_dict=state, safe_serialization=True, max_shard_size=max_shard_size)
     finally:
-        model.config.torch_dtype = old_dtype
+        for k, v in saved.items():
+            if v is not None:
+                setattr(model.config, k, v)
     for module in (configuration_flatllm, modeling_flatllm):
         shutil.copy(module.__file__, out / Path(module.__file__).name)
     if tokenizer is not None:

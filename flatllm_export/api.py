@@ -63,8 +63,10 @@ def run(recipe: Recipe, output: str | Path, overwrite: bool = False) -> dict:
                 calib = calibration_windows(recipe, tokenizer)
                 st.update(windows=list(calib.shape))
             with log.stage("compress") as st:
+                # GPTQ packing wants every linear's in/out a multiple of 32: shape the ranks for it up front
+                multiple = 32 if recipe.quantization else 1
                 st.update(compress(model, calib, recipe.compression, recipe.model.device,
-                                   recipe.calibration.batch_size))
+                                   recipe.calibration.batch_size, multiple))
             rep["compression"] = log.stages["compress"]
             rep["model"]["parameters_after"] = accounting.model_params(model)
             report.plot_allocation(rep["compression"], work / "allocation.png")
@@ -72,6 +74,21 @@ def run(recipe: Recipe, output: str | Path, overwrite: bool = False) -> dict:
                 with log.stage("evaluate_compressed") as st:
                     st.update(_evaluate(model, recipe, eval_windows, "ppl compressed"))
                 rep["perplexity"]["compressed"] = log.stages["evaluate_compressed"]["ppl"]
+        if recipe.quantization:
+            from .quantize import quantize_model
+
+            if calib is None:
+                with log.stage("calibration_data") as st:
+                    calib = calibration_windows(recipe, tokenizer)
+                    st.update(windows=list(calib.shape))
+            with log.stage("quantize") as st:
+                st.update(quantize_model(model, calib, recipe.quantization, recipe.model.device,
+                                         recipe.calibration.batch_size))
+            rep["quantization"] = {k: v for k, v in log.stages["quantize"].items() if k != "layers"}
+            if eval_windows is not None:
+                with log.stage("evaluate_quantized") as st:
+                    st.update(_evaluate(model, recipe, eval_windows, "ppl quantized"))
+                rep["perplexity"]["quantized"] = log.stages["evaluate_quantized"]["ppl"]
         if recipe.export:
             from exporters import ExportContext, export
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 from .flatllm import CompressionError, compress_flatllm
 
 
-def compress(model, windows, section, device: str = "cpu", batch_size: int = 8) -> dict:
+def compress(model, windows, section, device: str = "cpu", batch_size: int = 8, linear_multiple: int = 1) -> dict:
     if section.method == "flatllm":
         return compress_flatllm(model, windows, section.ratio, section.allocation, section.qk, section.round_to,
-                                section.ridge, device, batch_size)
+                                section.ridge, device, batch_size, linear_multiple)
     raise CompressionError(f"compression.method '{section.method}' is not implemented")
 
 

@@ -7,6 +7,7 @@ the shared calibration engine.
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -95,16 +96,21 @@ def _round_dim(x: float, full: int, multiple: int) -> int:
     return int(min(full, max(step, step * round(x / step))))
 
 
-def plan_shapes(config, kept: list[float], qk: bool, round_to: int = 1) -> list[dict]:
-    """Per-layer target shapes for kept ratios ``kept`` (one per layer) from the config's current shapes."""
+def plan_shapes(config, kept: list[float], qk: bool, round_to: int = 1, linear_multiple: int = 1) -> list[dict]:
+    """Per-layer target shapes for kept ratios ``kept`` (one per layer) from the config's current shapes.
+    ``round_to``: value head dims and MLP sizes are multiples of it. ``linear_multiple``: every linear's in/out
+    features that compression changes (kv*dv, heads*dv, MLP size, heads*qk_rank) are multiples of it (GPTQ
+    packing wants 32)."""
     shapes = []
     for s, w in zip(config.layer_shapes, kept):
         t = dict(s)
-        t["v_head_dim"] = _round_dim(w * s["v_head_dim"], s["v_head_dim"], round_to)
-        t["intermediate_size"] = _round_dim(w * s["intermediate_size"], s["intermediate_size"], round_to)
+        per_head = linear_multiple // math.gcd(linear_multiple, s["num_kv_heads"])
+        t["v_head_dim"] = _round_dim(w * s["v_head_dim"], s["v_head_dim"], math.lcm(round_to, per_head))
+        t["intermediate_size"] = _round_dim(w * s["intermediate_size"], s["intermediate_size"],
+                                            math.lcm(round_to, linear_multiple))
         if qk and s["qk_rank"] is None:
             d, hidden = config.head_dim, config.hidden_size
-            r = _round_dim(w * d, d, 1)
+            r = _round_dim(w * d, d, per_head)
             t["qk_rank"] = r if r * (hidden + d) < hidden * d else None  # factorise only where it saves
         shapes.append(t)
     return shapes
@@ -188,7 +194,8 @@ class FlatLLMLayerMethod:
 
 
 def compress_flatllm(model, windows: torch.Tensor, ratio: float, allocation: str = "iprs", qk: bool = False,
-                     round_to: int = 1, ridge: float = 1.0, device: str = "cpu", batch_size: int = 8) -> dict:
+                     round_to: int = 1, ridge: float = 1.0, device: str = "cpu", batch_size: int = 8,
+                     linear_multiple: int = 1) -> dict:
     """Compress ``model`` in place so that ``ratio`` of the decoder's linear-weight parameters are removed.
     Returns the report section (requested / achieved ratio, parameters, per-layer importance, kept and ranks)."""
     config = model.config
@@ -204,17 +211,17 @@ def compress_flatllm(model, windows: torch.Tensor, ratio: float, allocation: str
     target = round(before * (1.0 - ratio))
 
     def params_after(kept):
-        return accounting.decoder_linear_params(config, plan_shapes(config, kept, qk, round_to))
+        return accounting.decoder_linear_params(config, plan_shapes(config, kept, qk, round_to, linear_multiple))
 
     mean_kept, kept = solve_mean_kept(lambda r: allocator(scores, r), params_after, target)
-    plan = plan_shapes(config, kept, qk, round_to)
+    plan = plan_shapes(config, kept, qk, round_to, linear_multiple)
     t1 = time.time()
     method = FlatLLMLayerMethod(config, plan, ridge)
     run_sequential(model, windows, method, device, batch_size, desc="flat-llm")
     after = accounting.decoder_linear_params(config)
     achieved = 1.0 - after / before
     return {
-        "method": "flatllm", "allocation": allocation, "qk": qk, "round_to": round_to,
+        "method": "flatllm", "allocation": allocation, "qk": qk, "round_to": round_to, "linear_multiple": linear_multiple,
         "requested_ratio": ratio, "achieved_ratio": round(achieved, 6),
         "decoder_linear_params_before": before, "decoder_linear_params_after": after,
         "mean_kept_ratio": round(mean_kept, 6),

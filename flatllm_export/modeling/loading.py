@@ -87,7 +87,8 @@ def load_model(path: str, dtype: str = "float32", device: str = "cpu") -> FlatLl
     config_file = Path(folder) / "config.json"
     if not config_file.exists():
         raise ModelLoadError(f"no config.json in {folder}: model.path must be a Hugging Face model folder")
-    model_type = json.loads(config_file.read_text()).get("model_type")
+    raw = json.loads(config_file.read_text())
+    model_type = raw.get("model_type")
     if model_type not in SUPPORTED:
         raise ModelLoadError(f"model type '{model_type}' in {config_file} is not supported; supported: "
                              f"{', '.join(SUPPORTED)}")
@@ -103,15 +104,29 @@ def load_model(path: str, dtype: str = "float32", device: str = "cpu") -> FlatLl
     state = read_safetensors(folder)
     if config.tie_word_embeddings:
         state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
-    with torch.device("meta"):
-        model = FlatLlamaForCausalLM(config)
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
-    if missing or unexpected:
-        raise ModelLoadError(f"weights in {folder} do not match its config.json: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)  # rebuild buffers off the meta device
-    model.tie_weights() if config.tie_word_embeddings else None
+    quant = raw.get("quantization_config")
+    if quant is not None:
+        if quant.get("quant_method") != "gptq":
+            raise ModelLoadError(f"{config_file} is quantized with '{quant.get('quant_method')}'; only gptq "
+                                 "checkpoints are supported")
+        from ..quantize.checkpoint import build_quantized_model
+
+        config.quantization_config = quant
+        try:
+            model = build_quantized_model(config, state)
+        except ValueError as exc:
+            raise ModelLoadError(f"{folder}: {exc}") from exc
+    else:
+        with torch.device("meta"):
+            model = FlatLlamaForCausalLM(config)
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+        missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
+        if missing or unexpected:
+            raise ModelLoadError(f"weights in {folder} do not match its config.json: missing {missing[:5]}, "
+                                 f"unexpected {unexpected[:5]}")
+        model.model.rotary_emb = type(model.model.rotary_emb)(config=config)  # rebuild buffers off the meta device
+    if config.tie_word_embeddings:
+        model.tie_weights()
     try:
         model.to(device=device, dtype=DTYPES[dtype])
     except (RuntimeError, AssertionError) as exc:

@@ -1,0 +1,108 @@
+"""GPTQ after (or without) compression, through the shared calibration engine.
+
+The math is in gptq.py, the format in packing.py; this module is the glue: true-sequential groups of linears
+inside each decoder layer (q/k/v, then o, then gate/up, then down), each group's inputs captured with the
+previous groups already quantized, every linear replaced by a QuantLinear holding its GPTQ tensors."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+from torch import nn
+
+from ..calibration import capture, run_sequential
+from .gptq import QuantizationError, accumulate_hessian, quantize_weight
+from .qlinear import QuantLinear
+
+SEQUENTIAL_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+                     ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
+
+
+def linear_name(layer: nn.Module, name: str) -> str:
+    """The nn.Linear behind a projection (the ``down`` factor of a head-wise low-rank Q/K)."""
+    mod = layer.get_submodule(name)
+    return name if isinstance(mod, (nn.Linear, QuantLinear)) else f"{name}.down"
+
+
+def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
+
+
+def checkpoint_format(sym: bool) -> str:
+    # v1 ('gptq') stores zero - 1, which cannot hold an asymmetric zero of 0: asymmetric is written as gptq_v2
+    return "gptq" if sym else "gptq_v2"
+
+
+class GPTQLayerMethod:
+    def __init__(self, section):
+        self.s = section
+        self.fmt = checkpoint_format(section.sym)
+        self.modules: dict[str, dict] = {}
+
+    def process_layer(self, index, layer, run) -> bool:
+        for group in SEQUENTIAL_GROUPS:
+            names = [linear_name(layer, n) for n in group]
+            mods = {n: layer.get_submodule(n) for n in names}
+            mods = {n: m for n, m in mods.items() if m.in_features > 0 and m.out_features > 0}
+            if not mods:
+                continue
+            dev = next(iter(mods.values())).weight.device
+            hess = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=dev) for n, m in mods.items()}
+            counts = {n: 0 for n in mods}
+
+            def on_in(name, x):
+                counts[name] = accumulate_hessian(hess[name], x, counts[name])
+
+            with capture(mods, on_in, "input"):
+                run.forward()
+            for n, m in mods.items():
+                full = f"model.layers.{index}.{n}"
+                if not torch.isfinite(hess[n]).all():
+                    raise QuantizationError(f"{full}: calibration inputs contain NaN/Inf")
+                q, diag = quantize_weight(m.weight, hess[n], self.s.bits, self.s.group_size, self.s.sym,
+                                          self.s.desc_act, self.s.damp_percent, self.s.block_size, name=full)
+                new = QuantLinear.from_quantized(q, m.bias, self.fmt).to(dev)
+                set_submodule(layer, n, new)
+                self.modules[full] = {"shape": [m.out_features, m.in_features], **diag}
+        return True
+
+
+def check_packable(model) -> None:
+    """Refuse, before any work, linears whose in/out features are not multiples of 32 (GPTQ packs along both)."""
+    bad = []
+    for i, layer in enumerate(model.model.layers):
+        for group in SEQUENTIAL_GROUPS:
+            for n in group:
+                m = layer.get_submodule(linear_name(layer, n))
+                if m.in_features % 32 or m.out_features % 32:
+                    bad.append(f"model.layers.{i}.{n} ({m.out_features}x{m.in_features})")
+    if bad:
+        raise QuantizationError(f"GPTQ packing needs in/out features that are multiples of 32; not so: "
+                                f"{', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}. Compress in the same recipe "
+                                "as the quantization (ranks are then aligned to 32) or set compression.round_to: 32")
+
+
+def quantize_model(model, windows: torch.Tensor, section, device: str = "cpu", batch_size: int = 8) -> dict:
+    """GPTQ every decoder linear of ``model`` in place. Returns the report section."""
+    check_packable(model)
+    t0 = time.time()
+    method = GPTQLayerMethod(section)
+    run_sequential(model, windows, method, device, batch_size, desc=f"gptq {section.bits}-bit")
+    model.config.quantization_config = quantization_config(section)
+    retried = {k: v["damp_percent"] for k, v in method.modules.items() if v["retries"]}
+    return {"method": "gptq", "bits": section.bits, "group_size": section.group_size, "sym": section.sym,
+            "desc_act": section.desc_act, "damp_percent": section.damp_percent, "checkpoint_format": method.fmt,
+            "quantized_linears": len(method.modules), "damping_raised": retried,
+            "quantize_seconds": round(time.time() - t0, 2), "layers": method.modules}
+
+
+def quantization_config(section) -> dict:
+    return {"quant_method": "gptq", "bits": section.bits, "group_size": section.group_size,
+            "desc_act": section.desc_act, "sym": section.sym, "damp_percent": section.damp_percent,
+            "true_sequential": True, "static_groups": False, "lm_head": False,
+            "checkpoint_format": checkpoint_format(section.sym), "pack_dtype": "int32"}
+
+
+__all__ = ["QuantLinear", "QuantizationError", "quantize_model", "quantization_config"]

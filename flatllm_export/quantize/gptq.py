@@ -1,0 +1,121 @@
+"""GPTQ (Frantar et al. 2022) as pure tensor functions: Hessian accumulation and column-by-column quantization
+with blocked lazy updates, act-order, groups, symmetric or asymmetric grids. Scales are rounded to float16 at
+the moment they are chosen, so the integers found here dequantize bit for bit like the packed checkpoint."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+class QuantizationError(RuntimeError):
+    """GPTQ could not quantize a weight; the message names it."""
+
+
+@dataclass
+class QuantizedWeight:
+    """Integer codes and grid of one linear's weight (out, in), in the original column order."""
+
+    codes: torch.Tensor  # int32 (out, in), values in [0, 2^bits - 1]
+    scales: torch.Tensor  # float16 (groups, out)
+    zeros: torch.Tensor  # int32 (groups, out), the true zero point (not v1's zero - 1)
+    g_idx: torch.Tensor  # int32 (in,), group of each input column
+    bits: int
+    group_size: int  # -1: one group per row
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        s = self.scales.float()[self.g_idx.long()].T  # (out, in)
+        z = self.zeros.float()[self.g_idx.long()].T
+        return (s * (self.codes.float() - z)).to(dtype)
+
+
+def accumulate_hessian(h: torch.Tensor, x: torch.Tensor, count: int) -> int:
+    """Running mean of 2 x x^T over tokens: h (in, in) float64, x (tokens, in). Returns the new token count."""
+    n = x.shape[0]
+    total = count + n
+    h.mul_(count / total)
+    x = x.to(h.dtype) * math.sqrt(2.0 / total)
+    h.addmm_(x.T, x)
+    return total
+
+
+def grid(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row scale (float16-exact, as float32) and integer zero for w (out, cols)."""
+    maxq = 2**bits - 1
+    lo = w.min(dim=1).values.clamp(max=0)
+    hi = w.max(dim=1).values.clamp(min=0)
+    if sym:
+        hi = torch.maximum(lo.abs(), hi)
+        lo = -hi
+    scale = (hi - lo) / maxq
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    scale = scale.half().float()  # the checkpoint stores float16 scales: choose codes against those
+    scale = torch.where(scale > 0, scale, torch.full_like(scale, 2.0**-24))
+    zero = torch.full_like(scale, (maxq + 1) / 2) if sym else torch.round(-lo / scale).clamp(0, maxq)
+    return scale, zero
+
+
+def quantize_weight(w: torch.Tensor, h: torch.Tensor, bits: int = 4, group_size: int = 128, sym: bool = True,
+                    desc_act: bool = False, damp_percent: float = 0.01, block_size: int = 128, name: str = "weight"
+                    ) -> tuple[QuantizedWeight, dict]:
+    """GPTQ of w (out, in) with Hessian h (in, in). Returns the codes and a dict of diagnostics (damping used,
+    retries, squared error weighted by H)."""
+    maxq = 2**bits - 1
+    w = w.detach().to(torch.float32).clone()
+    out_f, in_f = w.shape
+    h = h.to(torch.float32).clone()
+    dead = torch.diagonal(h) == 0
+    h[dead, dead] = 1.0
+    w[:, dead] = 0.0
+    perm = torch.argsort(torch.diagonal(h), descending=True) if desc_act else torch.arange(in_f)
+    w, h = w[:, perm], h[perm][:, perm]
+    gs = in_f if group_size == -1 else group_size
+    mean_diag = torch.mean(torch.diagonal(h).abs())
+    damp, hinv, retries = damp_percent, None, 0
+    while hinv is None:
+        hd = h + damp * mean_diag * torch.eye(in_f, dtype=h.dtype, device=h.device)
+        chol, info = torch.linalg.cholesky_ex(hd)
+        if int(info) == 0:
+            chol, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
+        if int(info) == 0:
+            hinv = chol
+        else:
+            retries += 1
+            damp *= 10
+            if damp > 10:
+                raise QuantizationError(f"{name}: Hessian not positive definite even with damping {damp:.3g}")
+    n_groups = math.ceil(in_f / gs)
+    scales = torch.zeros(n_groups, out_f)
+    zeros = torch.zeros(n_groups, out_f)
+    codes = torch.zeros(out_f, in_f, dtype=torch.int32)
+    losses = torch.zeros(out_f)
+    scale = zero = None
+    for i1 in range(0, in_f, block_size):
+        i2 = min(i1 + block_size, in_f)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        hinv1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if col % gs == 0:  # a new group starts (in the processing order)
+                scale, zero = grid(w[:, col : col + gs] if i == 0 else torch.cat([w1[:, i:], w[:, i2:]], 1)[:, :gs],
+                                   bits, sym)
+                scales[col // gs], zeros[col // gs] = scale, zero
+            x = w1[:, i]
+            q = torch.clamp(torch.round(x / scale) + zero, 0, maxq)
+            codes[:, col] = q.to(torch.int32)
+            deq = scale * (q - zero)
+            d = hinv1[i, i]
+            losses += (x - deq) ** 2 / d**2 / 2
+            err = (x - deq) / d
+            w1[:, i:] -= err.unsqueeze(1) @ hinv1[i, i:].unsqueeze(0)
+            err1[:, i] = err
+        w[:, i1:i2] = w1
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    inv = torch.argsort(perm)
+    g_idx = (torch.arange(in_f) // gs)[inv].to(torch.int32)
+    qw = QuantizedWeight(codes=codes[:, inv], scales=scales.half(), zeros=zeros.to(torch.int32), g_idx=g_idx,
+                         bits=bits, group_size=group_size)
+    return qw, {"damp_percent": damp, "retries": retries, "loss": float(losses.sum())}
