@@ -14,6 +14,7 @@ from .evaluate import perplexity, torch_logits_fn
 from .modeling import load_model, load_tokenizer
 from .recipe import Recipe, dump_recipe
 from .stages import OutputDir, StageLog
+from .validate import onnx_runtime, parity, torch_runtime
 
 
 def evaluation_windows(recipe: Recipe, tokenizer) -> torch.Tensor:
@@ -94,14 +95,56 @@ def run(recipe: Recipe, output: str | Path, overwrite: bool = False) -> dict:
 
             sample = eval_windows[:2, :64] if eval_windows is not None else torch.randint(
                 0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
-            ctx = ExportContext(dtype=recipe.export.dtype, sample=sample)
+            ctx = ExportContext(dtype=recipe.export.dtype, sample=sample,
+                                extra={"accuracy_level": recipe.export.accuracy_level})
             rep["exports"] = {}
             for target in recipe.export.targets:
                 with log.stage(f"export_{target}") as st:
                     st.update(export(target, model, tokenizer, work / target, ctx))
                 rep["exports"][target] = log.stages[f"export_{target}"]
+        if recipe.validation:
+            with log.stage("validate") as st:
+                st.update(validate_outputs(work, recipe, tokenizer, torch_runtime("torch", model, "in memory")))
+            rep["validation"] = {k: v for k, v in log.stages["validate"].items()}
         rep["stages"] = log.stages
         rep["total_seconds"] = round(sum(s["seconds"] for s in log.stages.values()), 2)
         (work / "report.json").write_text(json.dumps(rep, indent=1) + "\n")
         (work / "report.md").write_text(report.markdown(rep))
     return rep
+
+
+def validate_outputs(folder: Path, recipe: Recipe, tokenizer, reference) -> dict:
+    """Parity of every runtime the recipe's validation section names, on the evaluation windows."""
+    val = recipe.validation
+    datasets = val.datasets or [recipe.evaluation.dataset]
+    windows = {}
+    for name in datasets:
+        ev = recipe.evaluation.model_copy(update={"dataset": name})
+        windows[name] = evaluation_windows(recipe.model_copy(update={"evaluation": ev}), tokenizer)
+    others = []
+    if "gptq" in val.runtimes:
+        others.append(torch_runtime("gptq", load_model(str(folder / "gptq")), "reloaded checkpoint"))
+    if "onnxruntime" in val.runtimes:
+        others.append(onnx_runtime(folder / "onnx"))
+    return parity(reference, others, windows, val, recipe.evaluation.batch_size)
+
+
+def validate_dir(folder: str | Path) -> dict:
+    """``flatllm-export validate DIR``: re-run the parity checks of a finished run from its files alone."""
+    from .recipe import ValidationSection, load_recipe
+
+    folder = Path(folder)
+    recipe = load_recipe(folder / "recipe.yaml")
+    if recipe.evaluation is None:
+        raise ValueError(f"{folder}/recipe.yaml has no evaluation section: nothing to validate on")
+    if recipe.validation is None:
+        runtimes = ["torch"] + [rt for rt, t in (("onnxruntime", "onnx"), ("gptq", "gptq")) if (folder / t).is_dir()]
+        recipe = recipe.model_copy(update={"validation": ValidationSection(runtimes=runtimes)})
+    ref_dir = folder / "gptq" if (folder / "gptq").is_dir() else folder / "hf"
+    if not ref_dir.is_dir():
+        raise ValueError(f"{folder} has neither gptq/ nor hf/: export a PyTorch target to validate against")
+    reference = torch_runtime("torch", load_model(str(ref_dir)), f"reloaded {ref_dir.name}/")
+    result = validate_outputs(folder, recipe, load_tokenizer(str(ref_dir)), reference)
+    (folder / "validation.json").write_text(json.dumps(result, indent=1) + "\n")
+    (folder / "validation.md").write_text(report.validation_markdown(result))
+    return result

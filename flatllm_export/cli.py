@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .recipe import RecipeError, load_recipe
 
@@ -24,8 +25,31 @@ def main(argv: list[str] | None = None) -> int:
     _recipe_args(p)
     p.add_argument("--output", "-o", required=True, help="output directory (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p = sub.add_parser("validate", help="cross-runtime parity of a finished run's output directory")
+    p.add_argument("dir")
+    p = sub.add_parser("generate", help="generate text from an exported model (onnxruntime or PyTorch)")
+    p.add_argument("dir", help="a run's output directory, or one export folder (onnx/, hf/, gptq/)")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--runtime", choices=["auto", "onnxruntime", "torch"], default="auto")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     try:
+        if args.command == "validate":
+            from .api import validate_dir
+
+            result = validate_dir(args.dir)
+            print((Path(args.dir) / "validation.md").read_text())
+            return 0 if result["passed"] else 3
+        if args.command == "generate":
+            from .generate import generate_text
+
+            print(generate_text(args.dir, args.prompt, args.runtime, args.max_new_tokens, args.sample,
+                                args.temperature, args.top_k, args.seed))
+            return 0
         recipe = load_recipe(args.recipe, args.overrides)
         if args.command == "check":
             print(f"recipe {args.recipe} is valid: sections "
@@ -35,9 +59,13 @@ def main(argv: list[str] | None = None) -> int:
 
         rep = run(recipe, args.output, args.overwrite)
         print(json.dumps({"output": args.output, "perplexity": rep.get("perplexity"),
+                          "validation": rep.get("validation", {}).get("passed"),
                           "total_seconds": rep["total_seconds"]}, indent=1))
+        if "validation" in rep and not rep["validation"]["passed"]:
+            print(f"error: cross-runtime parity broke the tolerance: see {args.output}/report.md", file=sys.stderr)
+            return 3
         return 0
-    except (RecipeError, FileExistsError, ValueError, RuntimeError) as exc:
+    except (RecipeError, FileExistsError, FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -103,6 +103,7 @@ class QuantizationSection(Strict):
 class ExportSection(Strict):
     targets: list[str] = Field(default_factory=lambda: ["hf"])
     dtype: Literal["float32", "float16"] = "float32"
+    accuracy_level: Literal[0, 1, 2, 3, 4] = Field(0, description="MatMulNBits accuracy_level for int4 ONNX")
 
     @field_validator("targets")
     @classmethod
@@ -117,6 +118,20 @@ class ExportSection(Strict):
         return v
 
 
+class ValidationSection(Strict):
+    runtimes: list[Literal["torch", "onnxruntime", "gptq"]] = Field(default_factory=lambda: ["torch", "onnxruntime"])
+    datasets: list[str] = Field(default_factory=list, description="evaluation datasets (default: evaluation's)")
+    max_ppl_rel_diff: float = Field(1e-4, gt=0, description="fp32 ONNX and GPTQ reload vs PyTorch")
+    max_ppl_rel_diff_lowp: float = Field(5e-3, gt=0, description="fp16 ONNX, int4 ONNX at accuracy_level 4")
+    max_logit_diff: float = Field(1e-3, gt=0)
+    generate_tokens: int = Field(64, ge=1, le=4096)
+
+    @field_validator("datasets")
+    @classmethod
+    def _datasets(cls, v: list[str]) -> list[str]:
+        return [_check_dataset(d) for d in v]
+
+
 class Recipe(Strict):
     model: ModelSection
     calibration: CalibrationSection = Field(default_factory=CalibrationSection)
@@ -124,11 +139,20 @@ class Recipe(Strict):
     compression: Optional[CompressionSection] = None
     quantization: Optional[QuantizationSection] = None
     export: Optional[ExportSection] = None
+    validation: Optional[ValidationSection] = None
 
     @model_validator(mode="after")
     def _cross(self) -> "Recipe":
-        if self.export and "gptq" in self.export.targets and self.quantization is None:
+        targets = self.export.targets if self.export else []
+        if "gptq" in targets and self.quantization is None:
             raise ValueError("export.targets has 'gptq' but there is no quantization section to produce it")
+        if self.validation:
+            if self.evaluation is None:
+                raise ValueError("validation needs an evaluation section (dataset, split, seqlen of the windows)")
+            need = {"onnxruntime": "onnx", "gptq": "gptq"}
+            for rt in self.validation.runtimes:
+                if rt in need and need[rt] not in targets:
+                    raise ValueError(f"validation.runtimes has '{rt}' but export.targets lacks '{need[rt]}'")
         return self
 
 

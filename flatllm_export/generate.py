@@ -1,0 +1,48 @@
+"""Text generation from an exported model: onnxruntime (per-layer KV buffers) or PyTorch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .modeling import load_model, load_tokenizer
+from .runtime.ort import META_FILE, OrtDecoder, pick_next
+
+
+def resolve(folder: str | Path, runtime: str) -> tuple[str, Path]:
+    folder = Path(folder)
+    if (folder / META_FILE).exists():
+        return "onnxruntime", folder
+    if (folder / "config.json").exists():
+        return "torch", folder
+    if runtime in ("auto", "onnxruntime") and (folder / "onnx" / META_FILE).exists():
+        return "onnxruntime", folder / "onnx"
+    for sub in ("gptq", "hf"):
+        if runtime in ("auto", "torch") and (folder / sub / "config.json").exists():
+            return "torch", folder / sub
+    raise FileNotFoundError(f"{folder} holds no export for runtime '{runtime}' (looked for onnx/, gptq/, hf/)")
+
+
+def generate_text(folder, prompt: str, runtime: str = "auto", max_new_tokens: int = 64, sample: bool = False,
+                  temperature: float = 0.8, top_k: int = 40, seed: int = 0) -> str:
+    kind, path = resolve(folder, runtime)
+    tok = load_tokenizer(str(path))
+    ids = np.array([tok(prompt)["input_ids"]], dtype=np.int64)
+    if kind == "onnxruntime":
+        out = OrtDecoder(path).generate(ids, max_new_tokens, sample, temperature, top_k, seed, tok.eos_token_id)
+    else:
+        model = load_model(str(path))
+        rng = np.random.default_rng(seed)
+        seq = torch.from_numpy(ids)
+        with torch.no_grad():
+            res = model(seq, use_cache=True)
+            for _ in range(max_new_tokens):
+                nxt = torch.from_numpy(pick_next(res.logits[:, -1].double().numpy(), sample, temperature, top_k, rng))
+                seq = torch.cat([seq, nxt[:, None]], 1)
+                if nxt.item() == tok.eos_token_id:
+                    break
+                res = model(nxt[:, None], past_key_values=res.past_key_values, use_cache=True)
+        out = seq.numpy()
+    return tok.decode(out[0], skip_special_tokens=True)
