@@ -1,0 +1,105 @@
+import json
+import subprocess
+import sys
+
+import onnx
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from exporters import ExportContext, export
+from flatllm_export import data
+from flatllm_export.compress import compress_flatllm
+from flatllm_export.modeling import load_model
+from flatllm_export.quantize import quantize_model
+from flatllm_export.recipe import QuantizationSection, ValidationSection
+from flatllm_export.validate import onnx_runtime, parity, torch_runtime
+
+from .conftest import ROOT, ref_path
+
+SETTINGS = ValidationSection(generate_tokens=64)
+
+
+def windows(name, n=8, seqlen=128, split="test"):
+    tok = AutoTokenizer.from_pretrained(ref_path(name))
+    text = data.shakespeare_text(split)
+    if split == "train":
+        return data.calibration_windows(data.tokenize(tok, text[:400_000]), 16, seqlen, 0)
+    return data.evaluation_windows(data.tokenize(tok, text), seqlen, n)
+
+
+def check(rows, lowp=False):
+    for r in rows[1:]:
+        assert r["ok"], r
+        if not lowp:
+            assert r["ppl_rel_diff"] <= 1e-4 and r["max_abs_logit_diff"] <= 1e-3 and r["greedy_agree"] == "64/64", r
+        else:
+            assert r["ppl_rel_diff"] <= 5e-3, r
+
+
+@pytest.mark.parametrize("name", ["ref-llama", "ref-gqa"])
+@pytest.mark.parametrize("ratio", [0.3, 0.5])
+def test_compressed_fp32_parity(tmp_path, name, ratio):
+    model = load_model(name)
+    compress_flatllm(model, windows(name, split="train"), ratio, "iprs")
+    rep = export("onnx", model, None, tmp_path / "onnx", ExportContext())
+    assert rep["max_abs_logit_diff"] < 1e-3 and not rep["int4"]
+    meta = json.loads((tmp_path / "onnx" / "flatllm_onnx.json").read_text())
+    assert [m["value_dim"] for m in meta["layers"]] == [s["v_head_dim"] for s in model.config.layer_shapes]
+    assert len({m["value_dim"] for m in meta["layers"]}) > 1
+    graph = onnx.load(str(tmp_path / "onnx" / "model.onnx"), load_external_data=False).graph
+    dims = {i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in graph.input}
+    for i, m in enumerate(meta["layers"]):
+        assert dims[f"past_key_values.{i}.value"] == ["batch", m["num_kv_heads"], "past_sequence", m["value_dim"]]
+    res = parity(torch_runtime("torch", model), [onnx_runtime(tmp_path / "onnx")], {"test": windows(name)}, SETTINGS)
+    check(res["rows"])
+
+
+@pytest.mark.parametrize("name", ["ref-llama", "ref-gqa"])
+def test_int4_matmulnbits_parity_with_the_gptq_model(tmp_path, name):
+    model = load_model(name)
+    calib = windows(name, split="train")
+    compress_flatllm(model, calib, 0.3, "iprs", linear_multiple=32)
+    quantize_model(model, calib, QuantizationSection(bits=4, group_size=32))
+    rep = export("onnx", model, None, tmp_path / "onnx", ExportContext())
+    assert rep["int4"]
+    graph = onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph
+    n_nbits = sum(n.op_type == "MatMulNBits" for n in graph.node)
+    assert n_nbits == 7 * model.config.num_hidden_layers
+    res = parity(torch_runtime("torch", model), [onnx_runtime(tmp_path / "onnx")], {"test": windows(name)}, SETTINGS)
+    check(res["rows"], lowp=True)
+
+
+def test_dense_reference_export_matches_pytorch_and_fp16_runs(tmp_path):
+    model = load_model("ref-llama")
+    export("onnx", model, None, tmp_path / "fp32", ExportContext())
+    res = parity(torch_runtime("torch", model), [onnx_runtime(tmp_path / "fp32")], {"test": windows("ref-llama")},
+                 SETTINGS)
+    check(res["rows"])
+    export("onnx", model, None, tmp_path / "fp16", ExportContext(dtype="float16"))
+    res = parity(torch_runtime("torch", model), [onnx_runtime(tmp_path / "fp16")], {"test": windows("ref-llama")},
+                 SETTINGS)
+    check(res["rows"], lowp=True)
+
+
+def test_full_recipe_generate_and_validate_commands(tmp_path):
+    out = tmp_path / "run"
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "flatllm_export.cli", *args], capture_output=True, text=True,
+                              cwd=ROOT)
+
+    res = cli("run", "recipes/ref-gqa-full.yaml", "--output", str(out), "--set", "calibration.nsamples=32",
+              "--set", "evaluation.max_windows=16", "--set", "validation.generate_tokens=32")
+    assert res.returncode == 0, res.stderr[-3000:]
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["validation"]["passed"] and {r["runtime"] for r in rep["validation"]["rows"]} == {
+        "torch", "gptq", "onnxruntime"}
+    assert sorted(p.name for p in out.iterdir()) == ["allocation.png", "gptq", "hf", "onnx", "recipe.yaml",
+                                                     "report.json", "report.md"]
+    gen_onnx = cli("generate", str(out), "--prompt", "ROMEO:", "--max-new-tokens", "20")
+    gen_torch = cli("generate", str(out), "--prompt", "ROMEO:", "--max-new-tokens", "20", "--runtime", "torch")
+    assert gen_onnx.returncode == 0 and gen_onnx.stdout.startswith("ROMEO:") and len(gen_onnx.stdout) > 20
+    assert gen_onnx.stdout == gen_torch.stdout  # greedy: same text from onnxruntime and the GPTQ checkpoint
+    val = cli("validate", str(out))
+    assert val.returncode == 0 and "PASS" in val.stdout and (out / "validation.json").exists()
