@@ -1,0 +1,69 @@
+"""FLAT-LLM quality on the reference models: held-out perplexity of dense, FLAT-LLM with IPRS and with
+uniform allocation at 10..60% compression, with calibration wall time and peak memory.
+
+    python scripts/bench_flatllm.py        # writes docs/bench_flatllm.{md,json} and docs/bench_flatllm.png
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from common import DOCS, load_model, ppl, save, table, timed, windows
+
+from flatllm_export.compress import compress_flatllm
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--ratios", default="0.1,0.2,0.3,0.4,0.5,0.6")
+    ap.add_argument("--nsamples", type=int, default=128)
+    ap.add_argument("--models", default="ref-llama,ref-gqa")
+    args = ap.parse_args()
+    ratios = [float(r) for r in args.ratios.split(",")]
+    rows = []
+    for name in args.models.split(","):
+        test, calib = windows(name), windows(name, "train", nsamples=args.nsamples)
+        dense = ppl(load_model(name), test)
+        for ratio in ratios:
+            row = {"model": name, "ratio": ratio, "dense": dense}
+            for alloc in ("iprs", "uniform"):
+                model = load_model(name)
+                rep, secs, peak = timed(lambda: compress_flatllm(model, calib, ratio, alloc))
+                row[alloc] = ppl(model, test)
+                row[f"{alloc} achieved"] = rep["achieved_ratio"]
+                row[f"{alloc} s"] = secs
+                row[f"{alloc} MiB"] = peak
+            rows.append(row)
+            print(row, flush=True)
+    plot(rows)
+    cols = ["model", "ratio", "dense", "iprs", "uniform", "iprs achieved", "iprs s", "iprs MiB", "uniform s"]
+    md = (f"FLAT-LLM on the reference models: held-out ppl (test plays, 256-token windows), calibration "
+          f"{args.nsamples} x 256 tokens of the train plays; time and peak RSS of the whole compression (IPRS "
+          "includes its block-influence pass).\n\n![ppl vs ratio](bench_flatllm.png)\n\n" + table(rows, cols))
+    save("bench_flatllm", rows, md)
+
+
+def plot(rows):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted({r["model"] for r in rows})
+    fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.3), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        rs = [r for r in rows if r["model"] == name]
+        x = [r["ratio"] for r in rs]
+        ax.plot(x, [r["iprs"] for r in rs], "o-", label="FLAT-LLM (IPRS)")
+        ax.plot(x, [r["uniform"] for r in rs], "s--", label="FLAT-LLM (uniform)")
+        ax.axhline(rs[0]["dense"], color="gray", lw=1, label="dense")
+        ax.set(title=name, xlabel="compression ratio", ylabel="held-out ppl", yscale="log")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(DOCS / "bench_flatllm.png", dpi=110)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(2)
+    main()
