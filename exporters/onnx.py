@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
+import onnx
 import torch
 from torch import nn
 
@@ -126,11 +129,20 @@ def export_graph(model, path: Path, dtype: torch.dtype, accuracy_level: int = 0)
         axes[name] = {0: "batch", 2: "past_sequence"}
     for name in outputs[1:]:
         axes[name] = {0: "batch", 2: "total_sequence"}
-    with warnings.catch_warnings(), torch.no_grad():
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp, warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        torch.onnx.export(ExplicitCacheDecoder(m), args, str(path), input_names=inputs, output_names=outputs,
+        # over 2 GB the exporter scatters one external file per tensor: write to a scratch folder, then gather
+        # everything into model.onnx (+ model.onnx.data when large)
+        scratch = Path(tmp) / "model.onnx"
+        torch.onnx.export(ExplicitCacheDecoder(m), args, str(scratch), input_names=inputs, output_names=outputs,
                           dynamic_axes=axes, opset_version=OPSET, dynamo=False, do_constant_folding=True,
                           custom_opsets={"com.microsoft": 1} if quant else None)
+        if len(list(Path(tmp).iterdir())) == 1:
+            shutil.move(str(scratch), str(path))
+        else:
+            proto = onnx.load(str(scratch), load_external_data=True)
+            onnx.save(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                      location=path.name + ".data", size_threshold=1024)
     return bool(quant)
 
 

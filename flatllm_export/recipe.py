@@ -75,12 +75,14 @@ class EvaluationSection(Strict):
 
 
 class CompressionSection(Strict):
-    method: Literal["flatllm"] = "flatllm"
+    method: Literal["flatllm", "flap"] = "flatllm"
     ratio: float = Field(0.3, ge=0.0, le=0.9, description="fraction of decoder linear-weight parameters removed")
     allocation: Literal["iprs", "uniform"] = "iprs"
     qk: bool = False
     round_to: Literal[1, 2, 4, 8, 16, 32, 64, 128] = 1
     ridge: float = Field(1.0, gt=0.0)
+    metric: Literal["IFV", "WIFV", "WIFN"] = Field("WIFV", description="FLAP only")
+    structure: Literal["UL-UM", "UL-MM", "AL-MM", "AL-AM"] = Field("AL-AM", description="FLAP only")
 
 
 class QuantizationSection(Strict):

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from .flap import compress_flap
 from .flatllm import CompressionError, compress_flatllm
 
 
@@ -10,7 +11,10 @@ def compress(model, windows, section, device: str = "cpu", batch_size: int = 8, 
     if section.method == "flatllm":
         return compress_flatllm(model, windows, section.ratio, section.allocation, section.qk, section.round_to,
                                 section.ridge, device, batch_size, linear_multiple)
+    if section.method == "flap":
+        return compress_flap(model, windows, section.ratio, section.metric, section.structure, device, batch_size,
+                             max(linear_multiple, section.round_to))
     raise CompressionError(f"compression.method '{section.method}' is not implemented")
 
 
-__all__ = ["CompressionError", "compress", "compress_flatllm"]
+__all__ = ["CompressionError", "compress", "compress_flap", "compress_flatllm"]
