@@ -16,15 +16,22 @@ def _qk_params(hidden: int, heads: int, head_dim: int, rank: int | None) -> int:
 def layer_linear_params(hidden: int, head_dim: int, shape: dict) -> dict[str, int]:
     """Weight parameters of each linear of one decoder layer with the given shape dict."""
     h, kv, dv, inter = shape["num_heads"], shape["num_kv_heads"], shape["v_head_dim"], shape["intermediate_size"]
-    return {
-        "q_proj": _qk_params(hidden, h, head_dim, shape.get("qk_rank")),
-        "k_proj": _qk_params(hidden, kv, head_dim, shape.get("qk_rank")),
-        "v_proj": hidden * kv * dv,
-        "o_proj": h * dv * hidden,
-        "gate_proj": hidden * inter,
-        "up_proj": hidden * inter,
-        "down_proj": inter * hidden,
-    }
+    dims = linear_dims(hidden, head_dim, shape)
+    params = {name: i * o for name, (i, o) in dims.items()}
+    params["q_proj"] = _qk_params(hidden, h, head_dim, shape.get("qk_rank"))
+    params["k_proj"] = _qk_params(hidden, kv, head_dim, shape.get("qk_rank"))
+    for name, rank in (shape.get("lowrank") or {}).items():  # two factors: rank x in + out x rank
+        i, o = dims[name]
+        params[name] = rank * (i + o)
+    return params
+
+
+def linear_dims(hidden: int, head_dim: int, shape: dict) -> dict[str, tuple[int, int]]:
+    """(in_features, out_features) of each projection of a layer with this shape, as a dense matrix."""
+    h, kv, dv, inter = shape["num_heads"], shape["num_kv_heads"], shape["v_head_dim"], shape["intermediate_size"]
+    return {"q_proj": (hidden, h * head_dim), "k_proj": (hidden, kv * head_dim), "v_proj": (hidden, kv * dv),
+            "o_proj": (h * dv, hidden), "gate_proj": (hidden, inter), "up_proj": (hidden, inter),
+            "down_proj": (inter, hidden)}
 
 
 def decoder_linear_params(config, shapes: list[dict] | None = None) -> int:

@@ -75,7 +75,7 @@ class EvaluationSection(Strict):
 
 
 class CompressionSection(Strict):
-    method: Literal["flatllm", "flap"] = "flatllm"
+    method: Literal["flatllm", "flap", "svd-llm"] = "flatllm"
     ratio: float = Field(0.3, ge=0.0, le=0.9, description="fraction of decoder linear-weight parameters removed")
     allocation: Literal["iprs", "uniform"] = "iprs"
     qk: bool = False

@@ -1,5 +1,5 @@
-"""FLAT-LLM quality on the reference models: held-out perplexity of dense, FLAT-LLM with IPRS and with
-uniform allocation at 10..60% compression, with calibration wall time and peak memory.
+"""Quality on the reference models: held-out perplexity of dense, FLAT-LLM with IPRS and with uniform
+allocation, FLAP (WIFV, AL-AM) and SVD-LLM at 10..60% compression (one parameter accounting for all), with calibration wall time and peak memory.
 
     python scripts/bench_flatllm.py        # writes docs/bench_flatllm.{md,json} and docs/bench_flatllm.png
 """
@@ -11,7 +11,7 @@ import argparse
 import torch
 from common import DOCS, load_model, ppl, save, table, timed, windows
 
-from flatllm_export.compress import compress_flatllm
+from flatllm_export.compress import compress_flap, compress_flatllm, compress_svdllm
 
 
 def main() -> None:
@@ -27,9 +27,13 @@ def main() -> None:
         dense = ppl(load_model(name), test)
         for ratio in ratios:
             row = {"model": name, "ratio": ratio, "dense": dense}
-            for alloc in ("iprs", "uniform"):
+            methods = {"iprs": lambda m: compress_flatllm(m, calib, ratio, "iprs"),
+                       "uniform": lambda m: compress_flatllm(m, calib, ratio, "uniform"),
+                       "flap": lambda m: compress_flap(m, calib, ratio, "WIFV", "AL-AM"),
+                       "svd-llm": lambda m: compress_svdllm(m, calib, ratio)}
+            for alloc, fn in methods.items():
                 model = load_model(name)
-                rep, secs, peak = timed(lambda: compress_flatllm(model, calib, ratio, alloc))
+                rep, secs, peak = timed(lambda: fn(model))
                 row[alloc] = ppl(model, test)
                 row[f"{alloc} achieved"] = rep["achieved_ratio"]
                 row[f"{alloc} s"] = secs
@@ -48,7 +52,8 @@ def main() -> None:
                              "MLP sizes": " ".join(str(r["intermediate_size"]) for r in rep["layers"])})
             print(rounding[-1], flush=True)
     plot(rows)
-    cols = ["model", "ratio", "dense", "iprs", "uniform", "iprs achieved", "iprs s", "iprs MiB", "uniform s"]
+    cols = ["model", "ratio", "dense", "iprs", "uniform", "flap", "svd-llm", "iprs achieved", "flap achieved",
+            "svd-llm achieved", "iprs s", "iprs MiB", "flap s", "svd-llm s", "svd-llm MiB"]
     md = (f"FLAT-LLM on the reference models: held-out ppl (test plays, 256-token windows), calibration "
           f"{args.nsamples} x 256 tokens of the train plays; time and peak RSS of the whole compression (IPRS "
           "includes its block-influence pass).\n\n![ppl vs ratio](bench_flatllm.png)\n\n" + table(rows, cols)
@@ -72,6 +77,8 @@ def plot(rows):
         x = [r["ratio"] for r in rs]
         ax.plot(x, [r["iprs"] for r in rs], "o-", label="FLAT-LLM (IPRS)")
         ax.plot(x, [r["uniform"] for r in rs], "s--", label="FLAT-LLM (uniform)")
+        ax.plot(x, [r["flap"] for r in rs], "^:", label="FLAP (WIFV, AL-AM)")
+        ax.plot(x, [r["svd-llm"] for r in rs], "v-.", label="SVD-LLM")
         ax.axhline(rs[0]["dense"], color="gray", lw=1, label="dense")
         ax.set(title=name, xlabel="compression ratio", ylabel="held-out ppl", yscale="log")
         ax.legend(fontsize=8)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from .flap import compress_flap
 from .flatllm import CompressionError, compress_flatllm
+from .svdllm import compress_svdllm
 
 
 def compress(model, windows, section, device: str = "cpu", batch_size: int = 8, linear_multiple: int = 1) -> dict:
@@ -14,7 +15,9 @@ def compress(model, windows, section, device: str = "cpu", batch_size: int = 8, 
     if section.method == "flap":
         return compress_flap(model, windows, section.ratio, section.metric, section.structure, device, batch_size,
                              max(linear_multiple, section.round_to))
+    if section.method == "svd-llm":
+        return compress_svdllm(model, windows, section.ratio, device, batch_size, max(linear_multiple, section.round_to))
     raise CompressionError(f"compression.method '{section.method}' is not implemented")
 
 
-__all__ = ["CompressionError", "compress", "compress_flap", "compress_flatllm"]
+__all__ = ["CompressionError", "compress", "compress_flap", "compress_flatllm", "compress_svdllm"]

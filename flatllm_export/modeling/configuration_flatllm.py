@@ -10,13 +10,15 @@ model, the quantizer, the exporters and the runtimes alike:
 - ``qk_rank``: per-head rank of a low-rank Q/K factorisation, or null for dense Q/K
 - ``intermediate_size``: MLP channels of the layer
 - ``o_bias``, ``down_bias``: whether o_proj / down_proj carry a bias (FLAP's bias compensation)
+- ``lowrank``: {projection name: rank} for projections stored as two factors (SVD-LLM), e.g. {"up_proj": 96}
 """
 
 from __future__ import annotations
 
 from transformers import PretrainedConfig
 
-LAYER_KEYS = ("num_heads", "num_kv_heads", "v_head_dim", "qk_rank", "intermediate_size", "o_bias", "down_bias")
+LAYER_KEYS = ("num_heads", "num_kv_heads", "v_head_dim", "qk_rank", "intermediate_size", "o_bias", "down_bias",
+              "lowrank")
 
 
 class FlatLlamaConfig(PretrainedConfig):
@@ -61,7 +63,7 @@ class FlatLlamaConfig(PretrainedConfig):
         self.use_cache = use_cache
         default = dict(num_heads=self.num_attention_heads, num_kv_heads=self.num_key_value_heads,
                        v_head_dim=self.head_dim, qk_rank=None, intermediate_size=intermediate_size,
-                       o_bias=False, down_bias=False)
+                       o_bias=False, down_bias=False, lowrank={})
         shapes = layer_shapes if layer_shapes is not None else [dict(default) for _ in range(num_hidden_layers)]
         if len(shapes) != num_hidden_layers:
             raise ValueError(f"layer_shapes has {len(shapes)} entries but num_hidden_layers is {num_hidden_layers}")

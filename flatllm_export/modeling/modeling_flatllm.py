@@ -39,10 +39,31 @@ class HeadwiseLowRank(nn.Module):
         return y + self.bias if self.bias is not None else y
 
 
-def qk_projection(hidden: int, heads: int, head_dim: int, rank: int | None, bias: bool) -> nn.Module:
+class LowRankLinear(nn.Module):
+    """W ~ up @ down with rank r: x -> up(down(x)). Used for SVD-LLM's two factors."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = False):
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.down = nn.Linear(in_features, rank, bias=False)
+        self.up = nn.Linear(rank, out_features, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x))
+
+
+def projection(shape: dict, name: str, in_features: int, out_features: int, bias: bool) -> nn.Module:
+    """A dense linear, or two low-rank factors when ``shape['lowrank']`` names this projection."""
+    rank = (shape.get("lowrank") or {}).get(name)
     if rank is None:
-        return nn.Linear(hidden, heads * head_dim, bias=bias)
-    return HeadwiseLowRank(hidden, heads, head_dim, rank, bias=bias)
+        return nn.Linear(in_features, out_features, bias=bias)
+    return LowRankLinear(in_features, out_features, rank, bias=bias)
+
+
+def qk_projection(shape: dict, name: str, hidden: int, heads: int, head_dim: int, bias: bool) -> nn.Module:
+    if shape["qk_rank"] is None:
+        return projection(shape, name, hidden, heads * head_dim, bias)
+    return HeadwiseLowRank(hidden, heads, head_dim, shape["qk_rank"], bias=bias)
 
 
 def attention_mask_4d(attention_mask: torch.Tensor | None, q_len: int, past_len: int, dtype: torch.dtype,
@@ -67,10 +88,10 @@ class FlatLlamaAttention(nn.Module):
         self.num_heads, self.num_kv_heads = s["num_heads"], s["num_kv_heads"]
         self.head_dim, self.v_head_dim = config.head_dim, s["v_head_dim"]
         hidden, bias = config.hidden_size, config.attention_bias
-        self.q_proj = qk_projection(hidden, self.num_heads, self.head_dim, s["qk_rank"], bias)
-        self.k_proj = qk_projection(hidden, self.num_kv_heads, self.head_dim, s["qk_rank"], bias)
-        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.v_head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.v_head_dim, hidden, bias=s["o_bias"])
+        self.q_proj = qk_projection(s, "q_proj", hidden, self.num_heads, self.head_dim, bias)
+        self.k_proj = qk_projection(s, "k_proj", hidden, self.num_kv_heads, self.head_dim, bias)
+        self.v_proj = projection(s, "v_proj", hidden, self.num_kv_heads * self.v_head_dim, bias)
+        self.o_proj = projection(s, "o_proj", self.num_heads * self.v_head_dim, hidden, s["o_bias"])
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                 kv_update: KVUpdate | None = None) -> torch.Tensor:
@@ -96,9 +117,9 @@ class FlatLlamaMLP(nn.Module):
         super().__init__()
         s = config.layer_shape(layer_idx)
         hidden, inter = config.hidden_size, s["intermediate_size"]
-        self.gate_proj = nn.Linear(hidden, inter, bias=False)
-        self.up_proj = nn.Linear(hidden, inter, bias=False)
-        self.down_proj = nn.Linear(inter, hidden, bias=s["down_bias"])
+        self.gate_proj = projection(s, "gate_proj", hidden, inter, False)
+        self.up_proj = projection(s, "up_proj", hidden, inter, False)
+        self.down_proj = projection(s, "down_proj", inter, hidden, s["down_bias"])
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

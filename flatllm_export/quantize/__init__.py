@@ -19,10 +19,15 @@ SEQUENTIAL_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"
                      ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))
 
 
-def linear_name(layer: nn.Module, name: str) -> str:
-    """The nn.Linear behind a projection (the ``down`` factor of a head-wise low-rank Q/K)."""
+def linear_names(layer: nn.Module, name: str) -> list[str]:
+    """The nn.Linear(s) behind a projection: itself, the ``down`` factor of a head-wise low-rank Q/K (its
+    per-head ``up`` stays in float), or both factors of a low-rank (SVD-LLM) projection."""
     mod = layer.get_submodule(name)
-    return name if isinstance(mod, (nn.Linear, QuantLinear)) else f"{name}.down"
+    if isinstance(mod, (nn.Linear, QuantLinear)):
+        return [name]
+    if isinstance(mod.up, nn.Parameter):
+        return [f"{name}.down"]
+    return [f"{name}.down", f"{name}.up"]
 
 
 def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -43,7 +48,7 @@ class GPTQLayerMethod:
 
     def process_layer(self, index, layer, run) -> bool:
         for group in SEQUENTIAL_GROUPS:
-            names = [linear_name(layer, n) for n in group]
+            names = [ln for n in group for ln in linear_names(layer, n)]
             mods = {n: layer.get_submodule(n) for n in names}
             mods = {n: m for n, m in mods.items() if m.in_features > 0 and m.out_features > 0}
             if not mods:
@@ -74,8 +79,8 @@ def check_packable(model) -> None:
     bad = []
     for i, layer in enumerate(model.model.layers):
         for group in SEQUENTIAL_GROUPS:
-            for n in group:
-                m = layer.get_submodule(linear_name(layer, n))
+            for n in (ln for g in group for ln in linear_names(layer, g)):
+                m = layer.get_submodule(n)
                 if m.in_features % 32 or m.out_features % 32:
                     bad.append(f"model.layers.{i}.{n} ({m.out_features}x{m.in_features})")
     if bad:
