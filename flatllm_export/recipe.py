@@ -84,6 +84,15 @@ class CompressionSection(Strict):
     metric: Literal["IFV", "WIFV", "WIFN"] = Field("WIFV", description="FLAP only")
     structure: Literal["UL-UM", "UL-MM", "AL-MM", "AL-AM"] = Field("AL-AM", description="FLAP only")
 
+    @model_validator(mode="after")
+    def _method_keys(self) -> "CompressionSection":
+        only = {"flatllm": {"allocation", "qk", "ridge"}, "flap": {"metric", "structure"}}
+        for method, keys in only.items():
+            stray = sorted(keys & self.model_fields_set) if self.method != method else []
+            if stray:
+                raise ValueError(f"keys {stray} belong to method '{method}', not to method '{self.method}'")
+        return self
+
 
 class QuantizationSection(Strict):
     method: Literal["gptq"] = "gptq"

@@ -66,6 +66,11 @@ def test_bad_device():
     bad({"model": {"path": "ref-llama", "device": "tpu"}}, "model.device", "cpu, cuda or cuda:N")
 
 
+def test_method_specific_keys_are_checked():
+    bad({**GOOD, "compression": {"method": "flap", "allocation": "iprs"}}, "compression", "'allocation'",
+        "belong to method 'flatllm'")
+
+
 def test_several_errors_reported_together():
     msg = bad({"model": {"path": "ref-llama", "dtype": "x"}, "compression": {"ratio": -1}}, "model.dtype",
               "compression.ratio")

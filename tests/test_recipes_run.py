@@ -1,0 +1,28 @@
+"""Every recipe in recipes/ that fits this machine runs (with fewer samples and windows) end to end."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from .conftest import ROOT
+
+FAST = ["--set", "calibration.nsamples=16", "--set", "evaluation.max_windows=8"]
+RECIPES = sorted(p.name for p in (ROOT / "recipes").glob("ref-*.yaml")
+                 if p.name not in ("ref-gqa-full.yaml", "ref-llama-eval.yaml", "ref-gqa-eval.yaml"))  # run elsewhere
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_reference_recipe_runs(tmp_path, recipe):
+    out = tmp_path / "out"
+    extra = ["--set", "validation.generate_tokens=16"] if "validation" in (ROOT / "recipes" / recipe).read_text() else []
+    res = subprocess.run([sys.executable, "-m", "flatllm_export.cli", "run", f"recipes/{recipe}", "--output", str(out),
+                          *FAST, *extra], capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rep = json.loads((out / "report.json").read_text())
+    assert "compressed" in rep["perplexity"] and abs(rep["compression"]["achieved_ratio"] - 0.3) < 0.08
+    assert rep.get("validation", {"passed": True})["passed"]
+    for target in rep["recipe"]["export"]["targets"]:
+        assert (out / target).is_dir()
