@@ -38,8 +38,8 @@ def whitened_factors(w: torch.Tensor, cov: torch.Tensor, rank: int) -> tuple[tor
 
 def svd_rank(in_f: int, out_f: int, keep: float, multiple: int = 1) -> int | None:
     """Rank keeping ``keep`` of the parameters, or None when factors would not be smaller than dense."""
-    r = int(keep * in_f * out_f / (in_f + out_f))
-    r = max(multiple, r - r % multiple)
+    r = keep * in_f * out_f / (in_f + out_f)
+    r = int(r) if multiple == 1 else max(multiple, multiple * round(r / multiple))
     return r if r * (in_f + out_f) < in_f * out_f else None
 
 
