@@ -157,6 +157,11 @@ class Recipe(Strict):
         targets = self.export.targets if self.export else []
         if "gptq" in targets and self.quantization is None:
             raise ValueError("export.targets has 'gptq' but there is no quantization section to produce it")
+        q = self.quantization
+        if "onnx" in targets and q is not None and (q.bits not in (2, 4, 8) or q.desc_act):
+            raise ValueError("export target 'onnx' turns GPTQ weights into MatMulNBits, which needs "
+                             "quantization.bits in [2, 4, 8] and quantization.desc_act: false "
+                             f"(got bits={q.bits}, desc_act={q.desc_act})")
         if self.validation:
             if self.evaluation is None:
                 raise ValueError("validation needs an evaluation section (dataset, split, seqlen of the windows)")

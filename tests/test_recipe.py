@@ -71,6 +71,10 @@ def test_method_specific_keys_are_checked():
         "belong to method 'flatllm'")
 
 
+def test_onnx_int4_constraints_are_checked_up_front():
+    bad({**GOOD, "quantization": {"bits": 3}, "export": {"targets": ["onnx"]}}, "MatMulNBits", "bits=3")
+
+
 def test_several_errors_reported_together():
     msg = bad({"model": {"path": "ref-llama", "dtype": "x"}, "compression": {"ratio": -1}}, "model.dtype",
               "compression.ratio")
