@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -123,11 +124,11 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for ratio in (0.0, 0.3, 0.5):
+            model = build(args.small)
+            if ratio:  # random weights: block influence means nothing, so uniform ranks
+                compress_flatllm(model, calib, ratio, "uniform", linear_multiple=32)
             for int4 in (False, True):
-                model = build(args.small)
-                if ratio:
-                    compress_flatllm(model, calib, ratio, "uniform", linear_multiple=32)
-                if int4:
+                if int4:  # the same compressed model, GPTQ on top
                     quantize_model(model, calib[:8], QuantizationSection(bits=4, group_size=128))
                 label = ("dense" if not ratio else f"FLAT-LLM {ratio:.0%}") + (" + int4" if int4 else "")
                 out = Path(tmp) / label.replace(" ", "_").replace("%", "").replace("+", "")
@@ -142,11 +143,12 @@ def main() -> None:
                                           kind, str(path)], capture_output=True, text=True, check=True, cwd=ROOT)
                     m = json.loads(res.stdout.strip().splitlines()[-1])
                     size = sum(f.stat().st_size for f in path.iterdir() if f.name.startswith("model")) / 2**20
-                    row = {"model": label, "runtime": kind, "params (M)": accounting.model_params(model) / 1e6,
+                    row = {"model": label, "runtime": kind, "params (M)": (accounting.decoder_linear_params(model.config) + 2 * model.config.vocab_size * model.config.hidden_size) / 1e6,
                            **m, "file MB": size, "bound tok/s": bw * 1e9 / bpt}
                     rows.append(row)
                     print(row, flush=True)
-                del model
+                shutil.rmtree(out)
+            del model
     dense = {r["runtime"]: r["decode_tok_s"] for r in rows if r["model"] == "dense"}
     for r in rows:
         r["decode vs dense"] = r["decode_tok_s"] / dense[r["runtime"]] if r["runtime"] in dense else None
