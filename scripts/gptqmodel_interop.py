@@ -40,13 +40,14 @@ def main() -> None:
     run = Path(sys.argv[1])
     report = json.loads((run / "report.json").read_text())
     seqlen = report["recipe"]["evaluation"]["seqlen"]
+    max_windows = report["recipe"]["evaluation"].get("max_windows")
     from gptqmodel import GPTQModel
     from transformers import AutoTokenizer
 
     model = GPTQModel.load(str(run / "gptq"), trust_remote_code=True, device="cpu")
     tok = AutoTokenizer.from_pretrained(run / "gptq")
     ids = torch.tensor(tok(shakespeare_test_text(), add_special_tokens=False)["input_ids"])
-    n = ids.numel() // seqlen
+    n = ids.numel() // seqlen if max_windows is None else min(max_windows, ids.numel() // seqlen)
     windows = ids[: n * seqlen].view(n, seqlen)
     nll, count = 0.0, 0
     with torch.no_grad():

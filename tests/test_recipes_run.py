@@ -9,7 +9,7 @@ import pytest
 
 from .conftest import ROOT
 
-FAST = ["--set", "calibration.nsamples=16", "--set", "evaluation.max_windows=8"]
+FAST = ["--set", "calibration.nsamples=8", "--set", "evaluation.max_windows=4"]
 RECIPES = sorted(p.name for p in (ROOT / "recipes").glob("ref-*.yaml")
                  if p.name not in ("ref-gqa-full.yaml", "ref-llama-eval.yaml", "ref-gqa-eval.yaml"))  # run elsewhere
 
