@@ -72,7 +72,8 @@ class FlapStats:
         out = {}
         for name, (n, s1, s2) in acc.items():
             mean = (s1 / n).cpu()
-            out[name] = {"mean": mean, "var": (s2 / n - mean.pow(2) * 1).clamp_min(0).cpu() * n / max(n - 1, 1)}
+            var = (s2.cpu() / n - mean.pow(2)).clamp_min(0) * n / max(n - 1, 1)  # unbiased
+            out[name] = {"mean": mean, "var": var}
         self.stats.append(out)
         return False
 
