@@ -19,11 +19,12 @@ def main() -> None:
     ap.add_argument("--ratios", default="0.1,0.2,0.3,0.4,0.5,0.6")
     ap.add_argument("--nsamples", type=int, default=128)
     ap.add_argument("--models", default="ref-llama,ref-gqa")
+    ap.add_argument("--max-windows", type=int, default=128, help="evaluation windows of 256 tokens (test plays)")
     args = ap.parse_args()
     ratios = [float(r) for r in args.ratios.split(",")]
     rows = []
     for name in args.models.split(","):
-        test, calib = windows(name), windows(name, "train", nsamples=args.nsamples)
+        test, calib = windows(name)[: args.max_windows], windows(name, "train", nsamples=args.nsamples)
         dense = ppl(load_model(name), test)
         for ratio in ratios:
             row = {"model": name, "ratio": ratio, "dense": dense}
@@ -42,7 +43,7 @@ def main() -> None:
             print(row, flush=True)
     rounding = []
     for name in args.models.split(","):
-        test, calib = windows(name), windows(name, "train", nsamples=args.nsamples)
+        test, calib = windows(name)[: args.max_windows], windows(name, "train", nsamples=args.nsamples)
         for round_to in (1, 8, 32):
             model = load_model(name)
             rep = compress_flatllm(model, calib, 0.3, "iprs", round_to=round_to)
@@ -54,7 +55,8 @@ def main() -> None:
     plot(rows)
     cols = ["model", "ratio", "dense", "iprs", "uniform", "flap", "svd-llm", "iprs achieved", "flap achieved",
             "svd-llm achieved", "iprs s", "iprs MiB", "flap s", "svd-llm s", "svd-llm MiB"]
-    md = (f"FLAT-LLM on the reference models: held-out ppl (test plays, 256-token windows), calibration "
+    md = (f"Compression methods on the reference models: held-out ppl on the first {args.max_windows} windows of 256 "
+          f"tokens of the test plays ({args.max_windows * 255} predicted tokens), calibration "
           f"{args.nsamples} x 256 tokens of the train plays; time and peak RSS of the whole compression (IPRS "
           "includes its block-influence pass).\n\n![ppl vs ratio](bench_flatllm.png)\n\n" + table(rows, cols)
           + "\n\nWhat rounding costs (30%, IPRS): `compression.round_to` makes every value head dim and MLP size a "

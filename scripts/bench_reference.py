@@ -53,7 +53,8 @@ def main() -> None:
                      "MB": (ROOT / "models" / name / "model.safetensors").stat().st_size / 2**20,
                      "train steps": log["steps"], "train min": log["train_seconds"] / 60,
                      "held-out ppl": dense, "naive 50% ppl": ppl(naive, win)})
-        axes[0].plot(log["steps"], log["loss"], label=name)
+        loss_steps = log.get("loss_steps") or [20 * (i + 1) for i in range(len(log["loss"]))]  # logged every 20
+        axes[0].plot(loss_steps, log["loss"], label=name)
         axes[1].plot(log["eval_steps"], log["val_ppl"], marker="o", label=name)
     axes[0].set(xlabel="step", ylabel="train loss", title="training loss")
     axes[1].set(xlabel="step", ylabel="validation ppl", title="validation perplexity", yscale="log")

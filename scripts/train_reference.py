@@ -97,7 +97,7 @@ def main() -> None:
                             lr=args.lr, betas=(0.9, 0.95))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
     gen = torch.Generator().manual_seed(args.seed)
-    log = {"steps": [], "loss": [], "eval_steps": [], "val_ppl": []}
+    log = {"loss_steps": [], "loss": [], "eval_steps": [], "val_ppl": []}
     t0 = time.time()
     model.train()
     for step in range(1, args.steps + 1):
@@ -110,7 +110,7 @@ def main() -> None:
         opt.zero_grad(set_to_none=True)
         sched.step()
         if step % 20 == 0:
-            log["steps"].append(step)
+            log["loss_steps"].append(step)
             log["loss"].append(round(loss.item(), 4))
         if step % 200 == 0 or step == args.steps:
             ppl = perplexity(model, val_ids, args.seqlen)

@@ -70,14 +70,17 @@ def test_bias_compensation_keeps_the_mean_output():
 
 def test_select_removals_never_takes_protected_units():
     units = [{"score": s, "cost": 10, "protected": p} for s, p in [(0, True), (1, False), (2, False)]]
-    assert select_removals(units, 15) == {1, 2}
+    assert select_removals(units, 16) == {1, 2}
+    assert select_removals(units, 14) == {1}  # a second unit would overshoot more than it helps
+    mixed = [{"score": 0, "cost": 50, "protected": False}] + [{"score": 1, "cost": 3, "protected": False}] * 5
+    assert select_removals(mixed, 12) == {1, 2, 3, 4}  # the expensive unit is skipped, cheap ones fill in
 
 
 @pytest.mark.parametrize("structure", ["AL-AM", "AL-MM", "UL-UM", "UL-MM"])
 def test_structures_meet_ratio_and_keep_a_head(structure):
     model = load_model("ref-gqa")
     rep = compress_flap(model, windows("ref-gqa", split="train"), 0.3, structure=structure)
-    assert abs(rep["achieved_ratio"] - 0.3) < 0.03
+    assert abs(rep["achieved_ratio"] - 0.3) < 0.005
     assert all(layer["num_heads"] >= 4 and layer["num_kv_heads"] >= 1 for layer in rep["layers"])
 
 

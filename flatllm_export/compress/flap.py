@@ -37,17 +37,21 @@ def standardize(x: torch.Tensor) -> torch.Tensor:
 
 
 def select_removals(units: list[dict], target: int) -> set[int]:
-    """Remove units (dicts with 'score', 'cost', 'protected') in ascending score until their cost reaches
-    ``target`` parameters; protected units are never removed. Returns the removed indices."""
+    """Remove units (dicts with 'score', 'cost', 'protected') in ascending score while that brings the removed
+    cost nearer to ``target`` parameters (a unit that would overshoot more than it helps is skipped, and
+    cheaper ones after it may still fit); protected units are never removed. Returns the removed indices."""
     removed, total = set(), 0
     for i in sorted(range(len(units)), key=lambda i: units[i]["score"]):
-        if total >= target:
-            break
         if units[i]["protected"]:
             continue
-        removed.add(i)
-        total += units[i]["cost"]
+        if abs(total + units[i]["cost"] - target) < abs(total - target):
+            removed.add(i)
+            total += units[i]["cost"]
     return removed
+
+
+def removed_cost(units: list[dict], removed: set[int]) -> int:
+    return sum(units[i]["cost"] for i in removed)
 
 
 # ----------------------------------------------------------------------------------------------- glue
@@ -142,7 +146,8 @@ def plan_flap(model, stats, ratio: float, metric: str = "WIFV", structure: str =
         _score(heads, True)
         _score(chans, True)
         removed_h = select_removals(heads, round(sum(u["cost"] for u in heads) * ratio))
-        removed_c = select_removals(chans, round(sum(u["cost"] for u in chans) * ratio))
+        # heads come in coarse units: the channels make up the difference so the total meets the ratio
+        removed_c = select_removals(chans, round(total * ratio) - removed_cost(heads, removed_h))
     else:  # uniform across layers
         for layer in range(n_layers):
             hi = [k for k, u in enumerate(heads) if u["layer"] == layer]
@@ -154,8 +159,10 @@ def plan_flap(model, stats, ratio: float, metric: str = "WIFV", structure: str =
             if structure == "UL-UM":
                 sub_h = [heads[k] for k in hi]
                 sub_c = [chans[k] for k in ci]
-                removed_h |= {hi[j] for j in select_removals(sub_h, round(sum(u["cost"] for u in sub_h) * ratio))}
-                removed_c |= {ci[j] for j in select_removals(sub_c, round(sum(u["cost"] for u in sub_c) * ratio))}
+                gone_h = select_removals(sub_h, round(sum(u["cost"] for u in sub_h) * ratio))
+                layer_target = round((sum(u["cost"] for u in sub_h) + sum(u["cost"] for u in sub_c)) * ratio)
+                removed_h |= {hi[j] for j in gone_h}
+                removed_c |= {ci[j] for j in select_removals(sub_c, layer_target - removed_cost(sub_h, gone_h))}
             else:  # UL-MM: each layer cut by the ratio, heads and channels compete within the layer (z-scored)
                 sub = [heads[k] for k in hi] + [chans[k] for k in ci]
                 _score(sub[: len(hi)], True)
