@@ -88,7 +88,9 @@ class CompressionSection(Strict):
     def _method_keys(self) -> "CompressionSection":
         only = {"flatllm": {"allocation", "qk", "ridge"}, "flap": {"metric", "structure"}}
         for method, keys in only.items():
-            stray = sorted(keys & self.model_fields_set) if self.method != method else []
+            # a key of another method is an error unless it only repeats the default (as dumped recipes do)
+            stray = sorted(k for k in keys & self.model_fields_set
+                           if getattr(self, k) != type(self).model_fields[k].default) if self.method != method else []
             if stray:
                 raise ValueError(f"keys {stray} belong to method '{method}', not to method '{self.method}'")
         return self

@@ -75,6 +75,14 @@ def test_onnx_int4_constraints_are_checked_up_front():
     bad({**GOOD, "quantization": {"bits": 3}, "export": {"targets": ["onnx"]}}, "MatMulNBits", "bits=3")
 
 
+def test_a_dumped_recipe_loads_back(tmp_path):
+    from flatllm_export.recipe import dump_recipe
+
+    r = parse_recipe({**GOOD, "compression": {"method": "flap", "ratio": 0.2}})
+    (tmp_path / "r.yaml").write_text(dump_recipe(r))
+    assert load_recipe(tmp_path / "r.yaml") == r
+
+
 def test_several_errors_reported_together():
     msg = bad({"model": {"path": "ref-llama", "dtype": "x"}, "compression": {"ratio": -1}}, "model.dtype",
               "compression.ratio")
