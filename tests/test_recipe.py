@@ -67,7 +67,7 @@ def test_bad_device():
 
 
 def test_method_specific_keys_are_checked():
-    bad({**GOOD, "compression": {"method": "flap", "allocation": "iprs"}}, "compression", "'allocation'",
+    bad({**GOOD, "compression": {"method": "flap", "allocation": "uniform"}}, "compression", "'allocation'",
         "belong to method 'flatllm'")
 
 
