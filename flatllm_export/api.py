@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import platform
 import time
 from pathlib import Path
@@ -64,8 +65,10 @@ def run(recipe: Recipe, output: str | Path, overwrite: bool = False) -> dict:
                 calib = calibration_windows(recipe, tokenizer)
                 st.update(windows=list(calib.shape))
             with log.stage("compress") as st:
-                # GPTQ packing wants every linear's in/out a multiple of 32: shape the ranks for it up front
-                multiple = 32 if recipe.quantization else 1
+                # GPTQ packing wants every linear's in/out a multiple of 32, and int4 kernels (GPTQModel's CPU
+                # kernel, for one) want in_features a multiple of the group size: shape the ranks for both
+                q = recipe.quantization
+                multiple = (math.lcm(32, q.group_size) if q.group_size > 0 else 32) if q else 1
                 st.update(compress(model, calib, recipe.compression, recipe.model.device,
                                    recipe.calibration.batch_size, multiple))
             rep["compression"] = log.stages["compress"]

@@ -87,8 +87,18 @@ def measure(kind: str, path: str, threads: int) -> dict:
     decode()
     total = time.perf_counter() - t0
     decode_s = max(total - statistics.median(pre), 1e-9)
-    return {"prefill_ms": 1000 * statistics.median(pre), "decode_tok_s": NEW / decode_s,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {"prefill_ms": 1000 * statistics.median(pre), "decode_tok_s": NEW / decode_s, "peak_rss_mb": peak_rss_mb()}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak RSS. VmHWM, not ru_maxrss: Linux carries ru_maxrss over from the parent at fork."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def bandwidth_gbs() -> float:
