@@ -26,11 +26,12 @@ from torch import nn
 from flatllm_export.modeling.modeling_flatllm import attention_mask_4d
 from flatllm_export.quantize.matmulnbits import to_matmulnbits
 from flatllm_export.quantize.qlinear import QuantLinear
+from flatllm_export.runtime.ort import META_FILE
 
 from . import ExportContext, ExportError, register
 
 OPSET = 17
-META_FILE = "flatllm_onnx.json"
+
 
 
 def io_names(n_layers: int) -> tuple[list[str], list[str]]:

@@ -6,7 +6,7 @@ import torch
 from exporters import ExportContext, export
 from flatllm_export.calibration import LayerRun, layer0_inputs
 from flatllm_export.compress import compress_flap
-from flatllm_export.compress.flap import FlapStats, apply_flap, plan_flap, select_removals
+from flatllm_export.compress.flap import FlapStats, apply_flap, select_removals
 from flatllm_export.modeling import load_model
 from flatllm_export.validate import onnx_runtime, parity, torch_runtime
 from flatllm_export.recipe import ValidationSection
