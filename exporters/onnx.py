@@ -33,7 +33,6 @@ from . import ExportContext, ExportError, register
 OPSET = 17
 
 
-
 def io_names(n_layers: int) -> tuple[list[str], list[str]]:
     past = [f"past_key_values.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
     present = [f"present.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
