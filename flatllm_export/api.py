@@ -108,7 +108,7 @@ def run(recipe: Recipe, output: str | Path, overwrite: bool = False) -> dict:
         if recipe.validation:
             with log.stage("validate") as st:
                 st.update(validate_outputs(work, recipe, tokenizer, torch_runtime("torch", model, "in memory")))
-            rep["validation"] = {k: v for k, v in log.stages["validate"].items()}
+            rep["validation"] = log.stages["validate"]
         rep["stages"] = log.stages
         rep["total_seconds"] = round(sum(s["seconds"] for s in log.stages.values()), 2)
         (work / "report.json").write_text(json.dumps(rep, indent=1) + "\n")

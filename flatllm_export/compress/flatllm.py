@@ -58,16 +58,22 @@ def ridge_leverage_scores(cov: torch.Tensor, ridge: float = 1.0) -> torch.Tensor
     return torch.linalg.solve(cov + ridge * eye, cov).diagonal()  # C symmetric: (C+rI)^-1 C has the same diag
 
 
-def solve_psd(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, float]:
-    """a^-1 b for PSD a, adding the least diagonal damping (relative to mean diag) that makes a factorable.
-    Returns the solution and the relative damping used (0.0 when none was needed)."""
+def damped_cholesky(a: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Lower Cholesky factor of PSD a with the least diagonal damping (relative to mean diag) that makes it
+    factorable. Returns the factor and the relative damping used (0.0 when none was needed)."""
     mean_diag = a.diagonal().mean().clamp_min(1e-300)
     eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
     for damp in (0.0, 1e-10, 1e-8, 1e-6, 1e-4, 1e-2):
         chol, info = torch.linalg.cholesky_ex(a + damp * mean_diag * eye)
         if int(info) == 0:
-            return torch.cholesky_solve(b, chol), damp
+            return chol, damp
     raise CompressionError("covariance is not positive definite even with 1% damping")
+
+
+def solve_psd(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """a^-1 b for PSD a (damped as little as needed); returns the solution and the relative damping used."""
+    chol, damp = damped_cholesky(a)
+    return torch.cholesky_solve(b, chol), damp
 
 
 def nystrom_mlp(cov: torch.Tensor, w_down: torch.Tensor, keep: int, ridge: float = 1.0

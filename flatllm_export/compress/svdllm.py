@@ -12,7 +12,7 @@ import torch
 
 from .. import accounting
 from ..calibration import capture, run_sequential
-from .flatllm import CompressionError, solve_psd
+from .flatllm import CompressionError, damped_cholesky
 from .surgery import reshape_layer
 
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -21,15 +21,7 @@ PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self
 
 def whitened_factors(w: torch.Tensor, cov: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(up (out, r), down (r, in), damping) with up @ down ~ w, truncation-aware for inputs of covariance cov."""
-    eye = torch.eye(cov.shape[0], dtype=torch.float64, device=cov.device)
-    s, damp = None, 0.0
-    for damp in (0.0, 1e-8, 1e-6, 1e-4, 1e-2):
-        chol, info = torch.linalg.cholesky_ex(cov + damp * cov.diagonal().mean().clamp_min(1e-300) * eye)
-        if int(info) == 0:
-            s = chol
-            break
-    if s is None:
-        raise CompressionError("input covariance is not positive definite even with 1% damping")
+    s, damp = damped_cholesky(cov.to(torch.float64))
     u, sv, vh = torch.linalg.svd(w.to(torch.float64) @ s, full_matrices=False)
     up = u[:, :rank] * sv[:rank]
     down = torch.linalg.solve_triangular(s.T, vh[:rank].T, upper=True).T  # V_r^T S^-1
