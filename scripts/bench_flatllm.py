@@ -1,5 +1,6 @@
-"""Quality on the reference models: held-out perplexity of dense, FLAT-LLM with IPRS and with uniform
-allocation, FLAP (WIFV, AL-AM) and SVD-LLM at 10..60% compression (one parameter accounting for all), with calibration wall time and peak memory.
+"""Quality on the real model (SmolLM2-135M by default): perplexity of dense, FLAT-LLM with IPRS and with uniform
+allocation, FLAP (WIFV, AL-AM) and SVD-LLM at 10..60% compression (one parameter accounting for all), with
+compression wall time and peak memory, and what rounding ranks costs. Interrupted runs resume (out/bench_cache).
 
     python scripts/bench_flatllm.py        # writes docs/bench_flatllm.{md,json} and docs/bench_flatllm.png
 """
@@ -9,81 +10,84 @@ from __future__ import annotations
 import argparse
 
 import torch
-from common import DOCS, load_model, ppl, save, table, timed, windows
+from common import DOCS, REAL, Resume, load_model, ppl, save, table, timed, windows
 
 from flatllm_export.compress import compress_flap, compress_flatllm, compress_svdllm
+
+METHODS = {"iprs": lambda m, c, r: compress_flatllm(m, c, r, "iprs"),
+           "uniform": lambda m, c, r: compress_flatllm(m, c, r, "uniform"),
+           "flap": lambda m, c, r: compress_flap(m, c, r, "WIFV", "AL-AM"),
+           "svd-llm": lambda m, c, r: compress_svdllm(m, c, r)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--ratios", default="0.1,0.2,0.3,0.4,0.5,0.6")
-    ap.add_argument("--nsamples", type=int, default=128)
-    ap.add_argument("--models", default="ref-llama,ref-gqa")
-    ap.add_argument("--max-windows", type=int, default=128, help="evaluation windows of 256 tokens (test plays)")
+    ap.add_argument("--model", default=REAL)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--nsamples", type=int, default=32, help="calibration windows of --seqlen (train plays)")
+    ap.add_argument("--max-windows", type=int, default=24, help="evaluation windows of --seqlen (test plays)")
     args = ap.parse_args()
-    ratios = [float(r) for r in args.ratios.split(",")]
+    name, ratios = args.model, [float(r) for r in args.ratios.split(",")]
+    done = Resume("bench_flatllm", f"{name}-{args.seqlen}-{args.nsamples}-{args.max_windows}")
+    test = windows(name, seqlen=args.seqlen)[: args.max_windows]
+    calib = windows(name, "train", seqlen=args.seqlen, nsamples=args.nsamples)
+    dense = done.get("dense", lambda: {"ppl": ppl(load_model(name), test, 4)})["ppl"]
+
+    def measure(method: str, ratio: float, **kw) -> dict:
+        model = load_model(name)
+        fn = (lambda: compress_flatllm(model, calib, ratio, "iprs", **kw)) if kw else \
+            (lambda: METHODS[method](model, calib, ratio))
+        rep, secs, peak = timed(fn)
+        return {"ppl": ppl(model, test, 4), "achieved": rep["achieved_ratio"], "s": secs, "MiB": peak,
+                "v": " ".join(str(r.get("v_head_dim", "")) for r in rep["layers"]),
+                "mlp": " ".join(str(r.get("intermediate_size", "")) for r in rep["layers"])}
+
+    for ratio in ratios:  # measured in the order given; the table is sorted by ratio
+        for method in METHODS:
+            print(method, ratio, done.get(f"{method}-{ratio}", lambda: measure(method, ratio))["ppl"], flush=True)
     rows = []
-    for name in args.models.split(","):
-        test, calib = windows(name)[: args.max_windows], windows(name, "train", nsamples=args.nsamples)
-        dense = ppl(load_model(name), test)
-        for ratio in ratios:
-            row = {"model": name, "ratio": ratio, "dense": dense}
-            methods = {"iprs": lambda m: compress_flatllm(m, calib, ratio, "iprs"),
-                       "uniform": lambda m: compress_flatllm(m, calib, ratio, "uniform"),
-                       "flap": lambda m: compress_flap(m, calib, ratio, "WIFV", "AL-AM"),
-                       "svd-llm": lambda m: compress_svdllm(m, calib, ratio)}
-            for alloc, fn in methods.items():
-                model = load_model(name)
-                rep, secs, peak = timed(lambda: fn(model))
-                row[alloc] = ppl(model, test)
-                row[f"{alloc} achieved"] = rep["achieved_ratio"]
-                row[f"{alloc} s"] = secs
-                row[f"{alloc} MiB"] = peak
-            rows.append(row)
-            print(row, flush=True)
+    for ratio in sorted(ratios):
+        row = {"model": name, "ratio": ratio, "dense": dense}
+        for method in METHODS:
+            r = done.rows[f"{method}-{ratio}"]
+            row.update({method: r["ppl"], f"{method} achieved": r["achieved"], f"{method} s": r["s"],
+                        f"{method} MiB": r["MiB"]})
+        rows.append(row)
     rounding = []
-    for name in args.models.split(","):
-        test, calib = windows(name)[: args.max_windows], windows(name, "train", nsamples=args.nsamples)
-        for round_to in (1, 8, 32):
-            model = load_model(name)
-            rep = compress_flatllm(model, calib, 0.3, "iprs", round_to=round_to)
-            rounding.append({"model": name, "round_to": round_to, "achieved": rep["achieved_ratio"],
-                             "ppl": ppl(model, test),
-                             "value head dims": " ".join(str(r["v_head_dim"]) for r in rep["layers"]),
-                             "MLP sizes": " ".join(str(r["intermediate_size"]) for r in rep["layers"])})
-            print(rounding[-1], flush=True)
-    plot(rows)
-    cols = ["model", "ratio", "dense", "iprs", "uniform", "flap", "svd-llm", "iprs achieved", "flap achieved",
-            "svd-llm achieved", "iprs s", "iprs MiB", "flap s", "svd-llm s", "svd-llm MiB"]
-    md = (f"Compression methods on the reference models: held-out ppl on the first {args.max_windows} windows of 256 "
-          f"tokens of the test plays ({args.max_windows * 255} predicted tokens), calibration "
-          f"{args.nsamples} x 256 tokens of the train plays; time and peak RSS of the whole compression (IPRS "
-          "includes its block-influence pass).\n\n![ppl vs ratio](bench_flatllm.png)\n\n" + table(rows, cols)
+    for round_to in (1, 8, 32):
+        r = done.get(f"round-{round_to}", lambda: measure("iprs", 0.3, round_to=round_to))
+        rounding.append({"round_to": round_to, "achieved": r["achieved"], "ppl": r["ppl"],
+                         "value head dims": r["v"], "MLP sizes": r["mlp"]})
+    plot(rows, name)
+    cols = ["ratio", "dense", "iprs", "uniform", "flap", "svd-llm", "iprs achieved", "flap achieved",
+            "svd-llm achieved", "iprs s", "uniform s", "flap s", "svd-llm s", "iprs MiB", "svd-llm MiB"]
+    md = (f"{name}: perplexity on the first {len(test)} windows of {args.seqlen} tokens of the test plays "
+          f"({len(test) * (args.seqlen - 1)} predicted tokens), calibration {args.nsamples} x {args.seqlen} tokens "
+          "of the train plays; time (s) and peak RSS (MiB) of the whole compression (IPRS includes its "
+          "block-influence pass). The dense model is SmolLM2-135M-Instruct dequantized from its Q4_1 GGUF: every "
+          "method compresses the same weights.\n\n![ppl vs ratio](bench_flatllm.png)\n\n" + table(rows, cols)
           + "\n\nWhat rounding costs (30%, IPRS): `compression.round_to` makes every value head dim and MLP size a "
           "multiple of it; the solver re-balances to keep the ratio.\n\n"
-          + table(rounding, ["model", "round_to", "achieved", "ppl", "value head dims", "MLP sizes"]))
-    rows = rows + [dict(r, table="rounding") for r in rounding]
-    save("bench_flatllm", rows, md)
+          + table(rounding, ["round_to", "achieved", "ppl", "value head dims", "MLP sizes"]))
+    save("bench_flatllm", rows + [dict(r, table="rounding") for r in rounding], md)
 
 
-def plot(rows):
+def plot(rows, name):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = sorted({r["model"] for r in rows})
-    fig, axes = plt.subplots(1, len(names), figsize=(4.5 * len(names), 3.3), squeeze=False)
-    for ax, name in zip(axes[0], names):
-        rs = [r for r in rows if r["model"] == name]
-        x = [r["ratio"] for r in rs]
-        ax.plot(x, [r["iprs"] for r in rs], "o-", label="FLAT-LLM (IPRS)")
-        ax.plot(x, [r["uniform"] for r in rs], "s--", label="FLAT-LLM (uniform)")
-        ax.plot(x, [r["flap"] for r in rs], "^:", label="FLAP (WIFV, AL-AM)")
-        ax.plot(x, [r["svd-llm"] for r in rs], "v-.", label="SVD-LLM")
-        ax.axhline(rs[0]["dense"], color="gray", lw=1, label="dense")
-        ax.set(title=name, xlabel="compression ratio", ylabel="held-out ppl", yscale="log")
-        ax.legend(fontsize=8)
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    x = [r["ratio"] for r in rows]
+    for key, style, label in (("iprs", "o-", "FLAT-LLM (IPRS)"), ("uniform", "s--", "FLAT-LLM (uniform)"),
+                              ("flap", "^:", "FLAP (WIFV, AL-AM)"), ("svd-llm", "v-.", "SVD-LLM")):
+        ax.plot(x, [r[key] for r in rows], style, label=label)
+    ax.axhline(rows[0]["dense"], color="gray", lw=1, label="dense")
+    ax.set(title=name, xlabel="compression ratio (decoder linear weights removed)", ylabel="test ppl",
+           yscale="log")
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(DOCS / "bench_flatllm.png", dpi=110)
 

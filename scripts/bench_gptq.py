@@ -1,57 +1,67 @@
-"""GPTQ on the reference models: held-out perplexity and size on disk of dense fp32/fp16, FLAT-LLM 30%,
-GPTQ 4-/3-bit alone, and FLAT-LLM 30% + GPTQ 4-/3-bit; quantization wall time and peak memory.
+"""GPTQ on the real model (SmolLM2-135M): perplexity and decoder size of dense fp32/fp16, FLAT-LLM 15% / 30%,
+GPTQ 4-/3-bit alone, and FLAT-LLM + GPTQ 4-/3-bit; quantization wall time and peak memory. Interrupted runs
+resume (out/bench_cache).
 
     python scripts/bench_gptq.py           # writes docs/bench_gptq.{md,json}
 """
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
+import argparse
 
 import torch
-from common import load_model, ppl, save, table, timed, windows
+from common import REAL, Resume, load_model, ppl, save, table, timed, windows
 
-from exporters import ExportContext, export
+from flatllm_export import accounting
 from flatllm_export.compress import compress_flatllm
-from flatllm_export.recipe import QuantizationSection
 from flatllm_export.quantize import quantize_model
+from flatllm_export.recipe import QuantizationSection
 
 
-def disk_mb(model, target: str, dtype: str = "float32") -> float:
-    with tempfile.TemporaryDirectory() as tmp:
-        export(target, model, None, Path(tmp) / target, ExportContext(dtype=dtype))
-        return sum(f.stat().st_size for f in (Path(tmp) / target).glob("*.safetensors")) / 2**20
+def decoder_mb(model, bits: int | None, group: int) -> float:
+    """Decoder linear weights as stored: fp16, or packed ints plus one fp16 scale per group and output."""
+    n = accounting.decoder_linear_params(model.config)
+    return (2 * n if bits is None else n * bits / 8 + 2 * n / group) / 2**20
 
 
 def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default=REAL)
+    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--nsamples", type=int, default=32)
+    ap.add_argument("--max-windows", type=int, default=24)
+    ap.add_argument("--group-size", type=int, default=32)
+    args = ap.parse_args()
+    name, g = args.model, args.group_size
+    done = Resume("bench_gptq", f"{name}-{args.seqlen}-{args.nsamples}-{args.max_windows}-{g}")
+    test = windows(name, seqlen=args.seqlen)[: args.max_windows]
+    calib = windows(name, "train", seqlen=args.seqlen, nsamples=args.nsamples)
+
+    def measure(ratio: float, bits: int | None, dtype: str = "float32") -> dict:
+        model = load_model(name, dtype=dtype)
+        if ratio:  # ranks aligned to the group size, as a recipe with a quantization section does
+            compress_flatllm(model, calib, ratio, "iprs", linear_multiple=32 if bits is None else max(32, g))
+        row = {"decoder MB": decoder_mb(model, bits, g)}
+        if bits is not None:
+            _, secs, peak = timed(lambda: quantize_model(model, calib, QuantizationSection(bits=bits, group_size=g)))
+            row.update({"quantize s": secs, "peak MiB": peak})
+        return {"ppl": ppl(model.float(), test, 4), **row}
+
     rows = []
-    for name in ("ref-llama", "ref-gqa"):
-        test, calib = windows(name)[:128], windows(name, "train", nsamples=128)
-
-        def row(label, model, target="hf", dtype="float32", **extra):
-            r = {"model": name, "variant": label, "ppl": ppl(model, test), "MB on disk": disk_mb(model, target, dtype),
-                 **extra}
-            rows.append(r)
-            print(r, flush=True)
-
-        row("dense fp32", load_model(name))
-        row("dense fp16", load_model(name, dtype="float16"), dtype="float16")
-        flat = load_model(name)
-        compress_flatllm(flat, calib, 0.3, "iprs", linear_multiple=32)
-        row("FLAT-LLM 30%", flat)
-        for compressed in (False, True):
-            for bits in (4, 3):
-                model = load_model(name)
-                if compressed:
-                    compress_flatllm(model, calib, 0.3, "iprs", linear_multiple=32)
-                rep, secs, peak = timed(lambda: quantize_model(model, calib, QuantizationSection(bits=bits, group_size=128)))
-                label = ("FLAT-LLM 30% + " if compressed else "") + f"GPTQ {bits}-bit g128"
-                row(label, model, "gptq", "float16", **{"quantize s": secs, "peak MiB": peak})
-    md = ("Held-out ppl on the first 128 windows of 256 tokens of the test plays. GPTQ (symmetric, group 128, damp 1%, true-sequential, 128 x 256 calibration tokens) on the reference "
-          "models; size is the safetensors on disk (gptq target for quantized rows: packed int32 + fp16 scales, the "
-          "rest fp16). The embedding and lm_head (2.1M of ~6.5M parameters) stay fp16 and dominate the small "
-          "models' size.\n\n" + table(rows, ["model", "variant", "ppl", "MB on disk", "quantize s", "peak MiB"]))
+    variants = [("dense fp32", 0, None, "float32"), ("dense fp16 (decoder size)", 0, None, "float16")]
+    variants += [(f"FLAT-LLM {int(r * 100)}%", r, None, "float32") for r in (0.15, 0.3)]
+    variants += [((f"FLAT-LLM {int(r * 100)}% + " if r else "") + f"GPTQ {b}-bit g{g}", r, b, "float32")
+                 for r in (0, 0.15, 0.3) for b in (4, 3)]
+    for label, ratio, bits, dtype in variants:
+        r = done.get(label, lambda: measure(ratio, bits, dtype))
+        rows.append({"variant": label, **r})
+        print(rows[-1], flush=True)
+    md = (f"{name} (dequantized from its Q4_1 GGUF): perplexity on the first {len(test)} windows of {args.seqlen} "
+          f"tokens of the test plays; calibration {args.nsamples} x {args.seqlen} tokens of the train plays for "
+          f"FLAT-LLM (IPRS) and GPTQ (symmetric, group {g}, damp 1%, true-sequential). 'decoder MB' counts the "
+          "decoder's linear weights as a GPTQ checkpoint stores them (fp16 unquantized; packed ints + fp16 "
+          "scales); the embedding (28.3M parameters, tied) is the same for every row.\n\n"
+          + table(rows, ["variant", "ppl", "decoder MB", "quantize s", "peak MiB"]))
     save("bench_gptq", rows, md)
 
 

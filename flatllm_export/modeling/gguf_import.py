@@ -72,7 +72,12 @@ def inspect_gguf(file: str | Path) -> dict:
     if arch not in ARCHITECTURES:
         raise GGUFError(f"{file} holds a '{arch}' model; flatllm-export imports only {', '.join(ARCHITECTURES)} "
                         "GGUF files")
-    return {"architecture": arch, "tensors": len(reader.tensors), "bytes": size}
+    flags = {}  # llama.cpp's own say on special tokens, which transformers' GGUF tokenizer does not apply
+    for key in ("add_bos_token", "add_eos_token"):
+        f = reader.fields.get(f"tokenizer.ggml.{key}")
+        if f is not None and f.data:
+            flags[key] = bool(f.parts[f.data[0]][0])
+    return {"architecture": arch, "tensors": len(reader.tensors), "bytes": size, "tokenizer": flags}
 
 
 def import_gguf(file: str | Path, output: str | Path, dtype: str = "float32", overwrite: bool = False) -> dict:
@@ -95,6 +100,8 @@ def import_gguf(file: str | Path, output: str | Path, dtype: str = "float32", ov
         try:
             model = AutoModelForCausalLM.from_pretrained(file.parent, dtype=DTYPES[dtype], **kwargs)
             tokenizer = AutoTokenizer.from_pretrained(file.parent, **kwargs)
+            for key, value in info["tokenizer"].items():
+                setattr(tokenizer, key, value)
         except Exception as exc:  # transformers' GGUF reader: unsupported quant types, odd metadata
             raise GGUFError(f"transformers could not read {file} ({type(exc).__name__}: {exc})") from None
         with torch.no_grad():
