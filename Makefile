@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/flatllm-export run recipes/ref-llama-full.yaml --output out/ref-llama-full --overwrite
+	$(BIN)/flatllm-export run recipes/smollm2-135m-full.yaml --output out/smollm2-135m-full --overwrite
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests

@@ -26,3 +26,18 @@ def test_reference_recipe_runs(tmp_path, recipe):
     assert rep.get("validation", {"passed": True})["passed"]
     for target in rep["recipe"]["export"]["targets"]:
         assert (out / target).is_dir()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "recipes").glob("smollm2-135m-*.yaml")))
+def test_real_model_recipe_runs(tmp_path, recipe):
+    """The real-model recipes end to end (minutes each on 2 cores): `python -m pytest -m slow`."""
+    out = tmp_path / "out"
+    res = subprocess.run([sys.executable, "-m", "flatllm_export.cli", "run", f"recipes/{recipe}", "--output", str(out),
+                          "--set", "evaluation.max_windows=4"], capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["model"]["layers"] == 30 and rep.get("validation", {"passed": True})["passed"]
+    if "compression" in rep:
+        assert abs(rep["compression"]["achieved_ratio"] - 0.3) < 0.03
+        assert rep["perplexity"]["compressed"] < 3 * rep["perplexity"]["dense"]
