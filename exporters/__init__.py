@@ -3,13 +3,19 @@ reports success; ``flatllm_export.api`` calls them for ``export.targets``."""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-EXPORTERS: dict[str, Callable] = {}
+EXPORTERS: dict[str, Callable] = {}  # filled as target modules are imported (each registers itself)
+# target -> (module, the packages it imports, the extra that installs them): a target is imported only when used,
+# so a missing optional extra affects only its own targets
+TARGETS = {"hf": ("hf", (), None), "gptq": ("gptq", (), None),
+           "onnx": ("onnx", ("onnx", "onnxruntime"), "onnx")}
 
 
 @dataclass
@@ -33,8 +39,17 @@ def register(name: str):
     return wrap
 
 
+def missing_requirement(target: str) -> str | None:
+    """Why ``target`` cannot run here (its packages are not installed, with the pip command), or None."""
+    _, packages, extra = TARGETS[target]
+    missing = [p for p in packages if importlib.util.find_spec(p) is None]
+    if missing:
+        return (f"export target '{target}' needs {missing}, which are not installed: "
+                f"pip install 'flatllm-export[{extra}]'")
+    return None
+
+
 def export(name: str, model, tokenizer, out: Path, ctx: ExportContext) -> dict:
+    if name not in EXPORTERS:
+        importlib.import_module(f"{__name__}.{TARGETS[name][0]}")
     return EXPORTERS[name](model, tokenizer, Path(out), ctx)
-
-
-from . import gptq, hf, onnx  # noqa: E402,F401  (register themselves)

@@ -13,7 +13,7 @@ import torch
 from . import accounting, data, report
 from .evaluate import perplexity, torch_logits_fn
 from .modeling import load_model, load_tokenizer
-from .recipe import Recipe, dump_recipe
+from .recipe import Recipe, RecipeError, dump_recipe
 from .stages import OutputDir, StageLog
 from .validate import onnx_runtime, parity, torch_runtime
 
@@ -34,20 +34,25 @@ def _evaluate(model, recipe: Recipe, windows: torch.Tensor, desc: str) -> dict:
     return perplexity(torch_logits_fn(model), windows, recipe.evaluation.batch_size, desc=desc)
 
 
-def run(recipe: Recipe, output: str | Path, overwrite: bool = False) -> dict:
+def run(recipe: Recipe, output: str | Path, overwrite: bool = False, keep_failed: bool = False) -> dict:
     """Run every section the recipe has; returns the report (also written as report.json / report.md)."""
-    out = OutputDir(output, overwrite)
+    out = OutputDir(output, overwrite, keep_failed)
     out.check()  # before any work
     log = StageLog()
     rep: dict = {"recipe": recipe.model_dump(exclude_none=True), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                  "environment": {"python": platform.python_version(), "torch": torch.__version__,
                                  "host": platform.machine()}}
+    if recipe.warnings():
+        rep["warnings"] = recipe.warnings()
     with out as work:
         (work / "recipe.yaml").write_text(dump_recipe(recipe))
         with log.stage("load") as st:
             model = load_model(recipe.model.path, recipe.model.dtype, recipe.model.device)
             tokenizer = load_tokenizer(recipe.model.path)
             st.update(path=model.name_or_path, source_model_type=model.config.source_model_type)
+            problems = recipe.context_problems(model.config.max_position_embeddings)
+            if problems:  # known only now for a model that was fetched or built by this run
+                raise RecipeError("; ".join(problems))
         rep["model"] = {"path": recipe.model.path, "layers": model.config.num_hidden_layers,
                         "parameters": accounting.model_params(model),
                         "decoder_linear_params": accounting.decoder_linear_params(model.config)}

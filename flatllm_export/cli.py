@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     _recipe_args(p)
     p.add_argument("--output", "-o", required=True, help="output directory (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--keep-failed", action="store_true",
+                   help="when the run fails, keep its unfinished output in DIR.partial for inspection")
     p = sub.add_parser("import-gguf", help="convert a llama.cpp GGUF file (llama / mistral) to a Hugging Face folder")
     p.add_argument("file", help="the .gguf file")
     p.add_argument("--output", "-o", required=True, help="output folder (must not exist unless --overwrite)")
@@ -62,13 +64,15 @@ def main(argv: list[str] | None = None) -> int:
                                 args.temperature, args.top_k, args.seed))
             return 0
         recipe = load_recipe(args.recipe, args.overrides)
+        for warning in recipe.warnings():
+            print(f"warning: {warning}", file=sys.stderr)
         if args.command == "check":
             print(f"recipe {args.recipe} is valid: sections "
                   f"{', '.join(k for k, v in recipe.model_dump(exclude_none=True).items())}")
             return 0
         from .api import run
 
-        rep = run(recipe, args.output, args.overwrite)
+        rep = run(recipe, args.output, args.overwrite, args.keep_failed)
         print(json.dumps({"output": args.output, "perplexity": rep.get("perplexity"),
                           "validation": rep.get("validation", {}).get("passed"),
                           "total_seconds": rep["total_seconds"]}, indent=1))
@@ -79,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     except (RecipeError, FileExistsError, FileNotFoundError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: no output folder was completed", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -146,7 +146,13 @@ def load_text(dataset: str, split: str) -> str:
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
     """All of ``text`` as one 1-D LongTensor of token ids (no special tokens added)."""
-    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    # a corpus is longer than the model's context by design (it is cut into windows afterwards): lift the
+    # tokenizer's length limit for this call so it does not warn about positions no window will use
+    limit, tokenizer.model_max_length = tokenizer.model_max_length, int(1e30)
+    try:
+        ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    finally:
+        tokenizer.model_max_length = limit
     return torch.tensor(ids, dtype=torch.long)
 
 

@@ -73,6 +73,7 @@ class EvaluationSection(Strict):
     dataset: str = "shakespeare"
     split: Literal["train", "validation", "test"] = "test"
     seqlen: int = Field(256, ge=8, le=131_072)
+    allow_beyond_context: bool = Field(False, description="evaluate windows longer than the model's context")
     max_windows: Optional[int] = Field(None, ge=1)
     batch_size: int = Field(8, ge=1, le=1024)
 
@@ -126,13 +127,16 @@ class ExportSection(Strict):
     @field_validator("targets")
     @classmethod
     def _targets(cls, v: list[str]) -> list[str]:
-        from exporters import EXPORTERS
+        from exporters import TARGETS, missing_requirement
 
-        unknown = [t for t in v if t not in EXPORTERS]
+        unknown = [t for t in v if t not in TARGETS]
         if unknown:
-            raise ValueError(f"unknown export target(s) {unknown}; available: {sorted(EXPORTERS)}")
+            raise ValueError(f"unknown export target(s) {unknown}; available: {sorted(TARGETS)}")
         if len(set(v)) != len(v):
             raise ValueError(f"targets repeat: {v}")
+        missing = [m for m in map(missing_requirement, v) if m]
+        if missing:
+            raise ValueError("; ".join(missing))
         return v
 
 
@@ -159,6 +163,28 @@ class Recipe(Strict):
     export: Optional[ExportSection] = None
     validation: Optional[ValidationSection] = None
 
+    def context_problems(self, context: int) -> list[str]:
+        """Window lengths the model (``context`` = max_position_embeddings) was never trained for."""
+        out = []
+        if self.uses_calibration() and self.calibration.seqlen > context:
+            out.append(f"calibration.seqlen {self.calibration.seqlen} is longer than the model's context of "
+                       f"{context} tokens (max_position_embeddings): use at most {context}")
+        ev = self.evaluation
+        if ev is not None and ev.seqlen > context and not ev.allow_beyond_context:
+            out.append(f"evaluation.seqlen {ev.seqlen} is longer than the model's context of {context} tokens "
+                       f"(max_position_embeddings): use at most {context}, or set "
+                       "evaluation.allow_beyond_context: true to measure beyond it on purpose")
+        return out
+
+    def uses_calibration(self) -> bool:
+        return self.compression is not None or self.quantization is not None
+
+    def warnings(self) -> list[str]:
+        if "calibration" in self.model_fields_set and not self.uses_calibration():
+            return ["the calibration section is used by no stage (there is no compression or quantization "
+                    "section): this run compresses and quantizes nothing"]
+        return []
+
     @model_validator(mode="after")
     def _cross(self) -> "Recipe":
         targets = self.export.targets if self.export else []
@@ -169,6 +195,11 @@ class Recipe(Strict):
             raise ValueError("export target 'onnx' turns GPTQ weights into MatMulNBits, which needs "
                              "quantization.bits in [2, 4, 8] and quantization.desc_act: false "
                              f"(got bits={q.bits}, desc_act={q.desc_act})")
+        from .modeling.loading import model_context
+
+        context = model_context(self.model.path)
+        if context is not None and self.context_problems(context):
+            raise ValueError("; ".join(self.context_problems(context)))
         if self.validation:
             if self.evaluation is None:
                 raise ValueError("validation needs an evaluation section (dataset, split, seqlen of the windows)")
@@ -233,4 +264,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
 
 
 def dump_recipe(recipe: Recipe) -> str:
-    return yaml.safe_dump(recipe.model_dump(exclude_none=True), sort_keys=False)
+    raw = recipe.model_dump(exclude_none=True)
+    if not recipe.uses_calibration():
+        raw.pop("calibration")  # a default nobody asked for; it would read as if the run used it
+    return yaml.safe_dump(raw, sort_keys=False)

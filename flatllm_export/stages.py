@@ -66,12 +66,13 @@ class StageLog:
 
 class OutputDir:
     """Builds into ``<dir>.partial`` and renames it to ``<dir>`` only on success, so a killed run never leaves a
-    folder that looks complete. Refuses an existing ``<dir>`` unless ``overwrite``."""
+    folder that looks complete. A run that fails with an error removes ``<dir>.partial`` unless ``keep_failed``
+    (then the error names it). Refuses an existing ``<dir>`` unless ``overwrite``."""
 
-    def __init__(self, final: str | Path, overwrite: bool = False):
+    def __init__(self, final: str | Path, overwrite: bool = False, keep_failed: bool = False):
         self.final = Path(final)
         self.work = self.final.with_name(self.final.name + ".partial")
-        self.overwrite = overwrite
+        self.overwrite, self.keep_failed = overwrite, keep_failed
 
     def check(self) -> None:
         if self.final.exists() and not self.overwrite:
@@ -87,7 +88,14 @@ class OutputDir:
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is not None:
-            return False  # keep .partial for inspection; the final name never appears
+            if self.keep_failed:
+                note = f"the unfinished output is kept in {self.work} for inspection"
+            else:
+                shutil.rmtree(self.work, ignore_errors=True)
+                note = f"nothing was written to {self.final} (pass --keep-failed to keep the unfinished output)"
+            if isinstance(exc, Exception) and exc.args and isinstance(exc.args[0], str):
+                exc.args = (f"{exc.args[0]}\n{note}",) + exc.args[1:]
+            return False  # the final name never appears
         if self.final.exists():
             shutil.rmtree(self.final)
         os.replace(self.work, self.final)

