@@ -27,11 +27,14 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--nsamples", type=int, default=32, help="calibration windows of --seqlen (train plays)")
     ap.add_argument("--max-windows", type=int, default=24, help="evaluation windows of --seqlen (test plays)")
+    ap.add_argument("--report-only", action="store_true", help="write the tables from what is measured so far")
     args = ap.parse_args()
     name, ratios = args.model, [float(r) for r in args.ratios.split(",")]
     done = Resume("bench_flatllm", f"{name}-{args.seqlen}-{args.nsamples}-{args.max_windows}")
     test = windows(name, seqlen=args.seqlen)[: args.max_windows]
     calib = windows(name, "train", seqlen=args.seqlen, nsamples=args.nsamples)
+    if args.report_only:
+        done.get = lambda rid, fn: done.rows.get(rid)
     dense = done.get("dense", lambda: {"ppl": ppl(load_model(name), test, 4)})["ppl"]
 
     def measure(method: str, ratio: float, **kw) -> dict:
@@ -45,9 +48,9 @@ def main() -> None:
 
     for ratio in ratios:  # measured in the order given; the table is sorted by ratio
         for method in METHODS:
-            print(method, ratio, done.get(f"{method}-{ratio}", lambda: measure(method, ratio))["ppl"], flush=True)
+            print(method, ratio, done.get(f"{method}-{ratio}", lambda: measure(method, ratio)), flush=True)
     rows = []
-    for ratio in sorted(ratios):
+    for ratio in sorted(r for r in ratios if all(f"{m}-{r}" in done.rows for m in METHODS)):
         row = {"model": name, "ratio": ratio, "dense": dense}
         for method in METHODS:
             r = done.rows[f"{method}-{ratio}"]
@@ -57,8 +60,12 @@ def main() -> None:
     rounding = []
     for round_to in (1, 8, 32):
         r = done.get(f"round-{round_to}", lambda: measure("iprs", 0.3, round_to=round_to))
+        if r is None:
+            continue
         rounding.append({"round_to": round_to, "achieved": r["achieved"], "ppl": r["ppl"],
                          "value head dims": r["v"], "MLP sizes": r["mlp"]})
+    if not rows:
+        raise SystemExit("no ratio has all four methods measured yet")
     plot(rows, name)
     cols = ["ratio", "dense", "iprs", "uniform", "flap", "svd-llm", "iprs achieved", "flap achieved",
             "svd-llm achieved", "iprs s", "uniform s", "flap s", "svd-llm s", "iprs MiB", "svd-llm MiB"]

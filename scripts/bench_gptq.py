@@ -1,4 +1,4 @@
-"""GPTQ on the real model (SmolLM2-135M): perplexity and decoder size of dense fp32/fp16, FLAT-LLM 15% / 30%,
+"""GPTQ on the real model (SmolLM2-135M): perplexity and decoder size of dense, FLAT-LLM (30% by default),
 GPTQ 4-/3-bit alone, and FLAT-LLM + GPTQ 4-/3-bit; quantization wall time and peak memory. Interrupted runs
 resume (out/bench_cache).
 
@@ -31,6 +31,7 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=32)
     ap.add_argument("--max-windows", type=int, default=24)
     ap.add_argument("--group-size", type=int, default=32)
+    ap.add_argument("--ratios", default="0.3", help="FLAT-LLM ratios before GPTQ (e.g. 0.15,0.3)")
     args = ap.parse_args()
     name, g = args.model, args.group_size
     done = Resume("bench_gptq", f"{name}-{args.seqlen}-{args.nsamples}-{args.max_windows}-{g}")
@@ -45,13 +46,14 @@ def main() -> None:
         if bits is not None:
             _, secs, peak = timed(lambda: quantize_model(model, calib, QuantizationSection(bits=bits, group_size=g)))
             row.update({"quantize s": secs, "peak MiB": peak})
-        return {"ppl": ppl(model.float(), test, 4), **row}
+        return {"ppl": ppl(model, test, 4), **row}
 
     rows = []
-    variants = [("dense fp32", 0, None, "float32"), ("dense fp16 (decoder size)", 0, None, "float16")]
-    variants += [(f"FLAT-LLM {int(r * 100)}%", r, None, "float32") for r in (0.15, 0.3)]
-    variants += [((f"FLAT-LLM {int(r * 100)}% + " if r else "") + f"GPTQ {b}-bit g{g}", r, b, "float32")
-                 for r in (0, 0.15, 0.3) for b in (4, 3)]
+    ratios = [float(r) for r in args.ratios.split(",")]
+    variants = [("dense fp32 (fp16 size)", 0, None, "float32")]
+    variants += [(f"FLAT-LLM {round(r * 100)}%", r, None, "float32") for r in ratios]
+    variants += [((f"FLAT-LLM {round(r * 100)}% + " if r else "") + f"GPTQ {b}-bit g{g}", r, b, "float32")
+                 for r in [0.0] + ratios for b in (4, 3)]
     for label, ratio, bits, dtype in variants:
         r = done.get(label, lambda: measure(ratio, bits, dtype))
         rows.append({"variant": label, **r})
