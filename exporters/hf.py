@@ -7,7 +7,6 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import torch
 
 from flatllm_export.modeling import configuration_flatllm, modeling_flatllm
 from flatllm_export.modeling.loading import DTYPES, load_model

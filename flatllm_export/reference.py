@@ -36,19 +36,23 @@ def _norm_eps(module: nn.Module) -> float:
     return float(getattr(module, "variance_epsilon", getattr(module, "eps", 1e-6)))
 
 
+def _linear64(q: QuantLinear) -> nn.Linear:
+    """A float64 linear with a QuantLinear's weight: its cached float32 dequantization is exact, widened."""
+    lin = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device="meta")
+    lin.weight = nn.Parameter(q.weight.to(torch.float64), requires_grad=False)
+    if q.bias is not None:
+        lin.bias = nn.Parameter(q.bias.detach().to(torch.float64), requires_grad=False)
+    return lin
+
+
 def float64_layer(layer: nn.Module) -> nn.Module:
     """A float64 copy of one decoder layer: QuantLinears become plain linears with their exact dequantized
-    weights, RMSNorms compute in float64."""
-    copy_ = copy.deepcopy(layer)
+    weights (never copied packed), RMSNorms compute in float64."""
+    memo = {id(m): _linear64(m) for m in layer.modules() if isinstance(m, QuantLinear)}
+    copy_ = copy.deepcopy(layer, memo)
     for name, mod in list(copy_.named_modules()):
-        parent, _, child = name.rpartition(".")
-        if isinstance(mod, QuantLinear):
-            lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
-            lin.weight.data = mod.quantized().dequantize(torch.float32).to(torch.float64)
-            if mod.bias is not None:
-                lin.bias.data = mod.bias.detach().to(torch.float64)
-            setattr(copy_.get_submodule(parent) if parent else copy_, child, lin)
-        elif type(mod).__name__.endswith("RMSNorm"):
+        if type(mod).__name__.endswith("RMSNorm"):
+            parent, _, child = name.rpartition(".")
             setattr(copy_.get_submodule(parent) if parent else copy_, child, RMSNorm64(mod.weight, _norm_eps(mod)))
     return copy_.to(torch.float64)
 
@@ -83,9 +87,8 @@ def float64_hidden(model, ids: torch.Tensor, batch_size: int = 8) -> torch.Tenso
 
 
 @torch.no_grad()
-def float64_logits(model, ids: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
-    """Logits (n, T, vocab) of token windows ids (n, T) in float64: the reference every runtime is judged by."""
-    hidden = float64_hidden(model, ids, batch_size)
+def float64_project(model, hidden: torch.Tensor) -> torch.Tensor:
+    """Logits (..., vocab) in float64 from float64 final-norm hidden states (..., hidden)."""
     head = model.lm_head
     weight = head.weight.detach()
     out = torch.empty(*hidden.shape[:-1], weight.shape[0], dtype=torch.float64)
@@ -95,6 +98,11 @@ def float64_logits(model, ids: torch.Tensor, batch_size: int = 8) -> torch.Tenso
     if getattr(head, "bias", None) is not None:
         out += head.bias.detach().cpu().to(torch.float64)
     return out
+
+
+def float64_logits(model, ids: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+    """Logits (n, T, vocab) of token windows ids (n, T) in float64: the reference every runtime is judged by."""
+    return float64_project(model, float64_hidden(model, ids, batch_size))
 
 
 def float64_logits_fn(model, batch_size: int = 8):

@@ -19,7 +19,7 @@ import torch
 from .evaluate import nll_sum, torch_logits_fn
 from .parity import (DTYPE_OF_KIND, KIND_OF_DTYPE, SampleStats, base_kind, floors_from, greedy_divergence, judge,
                      onnx_floor_kind)
-from .reference import float64_logits_fn, with_dtype
+from .reference import float64_hidden, float64_logits, float64_project, with_dtype
 
 PROMPT_TOKENS = 16
 
@@ -62,16 +62,16 @@ def onnx_runtime(folder: Path) -> Runtime:
                    onnx_floor_kind(dec.meta["dtype"], dec.meta["int4"], level), note.strip())
 
 
-class _Timed:
-    """A logits function that adds up the time spent in it."""
+class _Clock:
+    """Adds up the time spent in the calls it wraps (the float64 reference's share of the validation)."""
 
-    def __init__(self, fn):
-        self.fn, self.seconds = fn, 0.0
+    def __init__(self):
+        self.seconds = 0.0
 
-    def __call__(self, ids):
+    def __call__(self, fn, *args, **kwargs):
         start = time.perf_counter()
         try:
-            return self.fn(ids)
+            return fn(*args, **kwargs)
         finally:
             self.seconds += time.perf_counter() - start
 
@@ -95,9 +95,11 @@ def parity(model, others: list[Runtime], windows: dict[str, torch.Tensor], setti
     for kind in sorted({base_kind(rt.floor_kind) for rt in judged} - set(floor_runtimes)):
         floor_runtimes[kind] = torch_runtime(f"torch {kind}", with_dtype(model, DTYPE_OF_KIND[kind]), "noise floor")
     extra = [rt for kind, rt in floor_runtimes.items() if rt is not reference]
-    truth = _Timed(float64_logits_fn(model, batch_size=1))
+    clock = _Clock()
     first_name = next(iter(windows))
     n_sample = min(settings.sample_windows, windows[first_name].shape[0])
+    # one float64 layer loop over the whole sample; logits are projected one window at a time
+    hidden64 = clock(float64_hidden, model, windows[first_name][:n_sample], n_sample)
     stats = {rt.name: SampleStats() for rt in judged + extra}
 
     rows, ppl = [], {}
@@ -106,7 +108,7 @@ def parity(model, others: list[Runtime], windows: dict[str, torch.Tensor], setti
         rest = list(win[len(sample):].split(batch_size))
         nll = {rt.name: 0.0 for rt in judged}
         for i, chunk in enumerate(sample + rest):
-            truth_chunk = truth(chunk) if i < len(sample) else None
+            truth_chunk = clock(float64_project, model, hidden64[i : i + 1]) if i < len(sample) else None
             for rt in judged + (extra if truth_chunk is not None else []):
                 logits = rt.logits_fn(chunk)
                 if rt in judged:
@@ -119,10 +121,12 @@ def parity(model, others: list[Runtime], windows: dict[str, torch.Tensor], setti
     floors = floors_from({kind: stats[rt.name] for kind, rt in floor_runtimes.items()})
     prompt = windows[first_name][:1, :PROMPT_TOKENS]
     gens = {rt.name: torch.from_numpy(np.asarray(rt.generate_fn(prompt, settings.generate_tokens))) for rt in judged}
+    # float64 on every runtime's own greedy prefix, all runtimes in one layer loop
+    truth_gen = clock(float64_logits, model, torch.cat([g[:, :-1] for g in gens.values()]), len(gens))
     k, verdicts, failures = settings.noise_k, {}, []
-    for rt in judged:
+    for j, rt in enumerate(judged):
         s, f = stats[rt.name], floors[rt.floor_kind]
-        g = greedy_divergence(gens[rt.name], truth(gens[rt.name][:, :-1]), prompt.shape[1])
+        g = greedy_divergence(gens[rt.name], truth_gen[j : j + 1], prompt.shape[1])
         new, new_ref = gens[rt.name][0, prompt.shape[1]:], gens[reference.name][0, prompt.shape[1]:]
         agree = int(torch.cumprod((new == new_ref).long(), 0).sum())
         where = f" at step {g['worst']}" if g["worst"] is not None else ""
@@ -152,4 +156,4 @@ def parity(model, others: list[Runtime], windows: dict[str, torch.Tensor], setti
             "floors": floors, "sample": {"dataset": first_name, "windows": n_sample, "tokens": s_ref.tokens,
                                          "ppl_float64": s_ref.ppl64, "prompt_tokens": int(prompt.shape[1]),
                                          "generate_tokens": settings.generate_tokens},
-            "float64_seconds": round(truth.seconds, 2), "seconds": round(time.perf_counter() - start, 2)}
+            "float64_seconds": round(clock.seconds, 2), "seconds": round(time.perf_counter() - start, 2)}
