@@ -64,7 +64,9 @@ def accuracy_level_4(k: float | None) -> dict:
     exp = export("onnx", model, tok, out / "onnx", ctx)
     exp["seconds"] = round(time.time() - t0, 1)
     val = validate_outputs(out, rec, tok, model, "reloaded dense-int4 gptq/")
-    return {"exports": {"onnx": exp}, "validation": val, "perplexity": {}}
+    rep = {"exports": {"onnx": exp}, "validation": val, "perplexity": {}}
+    (out / "report.json").write_text(json.dumps(rep, indent=1) + "\n")
+    return rep
 
 
 def rows_of(name: str, rep: dict) -> list[dict]:
@@ -95,8 +97,17 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("configs", nargs="*", default=[*CONFIGS, AL4])
     ap.add_argument("--k", type=float, default=None, help="validation.noise_k (default: the package's)")
+    ap.add_argument("--collect", action="store_true", help="only rebuild the tables from the runs' report.json")
     args = ap.parse_args()
     path = DOCS / "bench_parity.json"
+    if args.collect:
+        runs = {n: json.loads((OUT / n / "report.json").read_text()) for n in [*CONFIGS, AL4]
+                if (OUT / n / "report.json").exists()}
+        old = json.loads(path.read_text()) if path.exists() else {}
+        results = {n: {"rows": rows_of(n, rep), "seconds": old.get(n, {}).get("seconds"),
+                       "failures": rep["validation"]["failures"]} for n, rep in runs.items()}
+        path.write_text(json.dumps(results, indent=1) + "\n")
+        return write_md(results)
     for name in args.configs:
         t0 = time.time()
         rep = accuracy_level_4(args.k) if name == AL4 else run(parse_recipe(recipe(name, args.k), name), OUT / name,
