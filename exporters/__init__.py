@@ -11,6 +11,8 @@ from typing import Callable
 
 import torch
 
+from flatllm_export.parity import DEFAULT_K
+
 EXPORTERS: dict[str, Callable] = {}  # filled as target modules are imported (each registers itself)
 # target -> (module, the packages it imports, the extra that installs them): a target is imported only when used,
 # so a missing optional extra affects only its own targets
@@ -24,11 +26,27 @@ class ExportContext:
 
     dtype: str = "float32"
     sample: torch.Tensor | None = None  # (B, T) token ids for validating the written files
+    noise_k: float = DEFAULT_K  # parity tolerance: k x PyTorch's own deviation from float64 (flatllm_export.parity)
     extra: dict = field(default_factory=dict)
 
 
 class ExportError(RuntimeError):
     """An exporter could not write, or its output failed its own validation."""
+
+
+def check_reload(target: str, model, reloaded, out: Path, ctx: ExportContext) -> dict:
+    """The self-check of a PyTorch-loadable export: the reloaded files' logits on ``ctx.sample``, judged against the
+    float64 reference of ``model`` by the shared parity verdict (floor: PyTorch at the export's dtype)."""
+    from flatllm_export.evaluate import torch_logits_fn
+    from flatllm_export.parity import judge_logits
+
+    ids = ctx.sample if ctx.sample is not None else torch.randint(
+        0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    kind = "fp16" if ctx.dtype == "float16" or next(model.parameters()).dtype == torch.float16 else "fp32"
+    v = judge_logits(f"reloaded {target}/", torch_logits_fn(reloaded)(ids), model, ids, kind, ctx.noise_k)
+    if not v.ok:
+        raise ExportError(f"{target} export at {out} does not reproduce the model: {v.message}")
+    return {"max_abs_logit_diff": v.deviation, "tolerance": v.tolerance, "noise_floor": v.floor, "floor_kind": kind}
 
 
 def register(name: str):

@@ -11,11 +11,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from flatllm_export.modeling import configuration_flatllm, modeling_flatllm
-from flatllm_export.modeling.loading import DTYPES
+from flatllm_export.modeling.loading import DTYPES, load_model
 from flatllm_export.quantize.checkpoint import gptq_state_dict, is_quantized, write_quantize_config
 from flatllm_export.quantize.qlinear import QuantLinear
 
-from . import ExportContext, ExportError, register
+from . import ExportContext, ExportError, check_reload, register
 from .hf import AUTO_MAP
 
 
@@ -46,5 +46,8 @@ def export_gptq(model, tokenizer, out: Path, ctx: ExportContext) -> dict:
                     raise ExportError(f"{out}: {name}.{key} on disk differs from the quantized model")
             if not torch.equal(written[f"{name}.scales"], m.scales.cpu().to(torch.float16)):
                 raise ExportError(f"{out}: {name}.scales on disk differ from the quantized model")
-    return {"path": out.name, "dtype": ctx.dtype, "bytes": (out / "model.safetensors").stat().st_size,
-            "checkpoint_format": config.quantization_config["checkpoint_format"]}
+    report = {"path": out.name, "dtype": ctx.dtype, "bytes": (out / "model.safetensors").stat().st_size,
+              "checkpoint_format": config.quantization_config["checkpoint_format"]}
+    # and the reloaded checkpoint (config, per-layer shapes, tied weights, modeling code) computes the model
+    report.update(check_reload("gptq", model, load_model(str(out)), out, ctx))
+    return report

@@ -7,13 +7,12 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import torch
 
 from flatllm_export.modeling import configuration_flatllm, modeling_flatllm
 from flatllm_export.modeling.loading import DTYPES, load_model
 from flatllm_export.quantize.checkpoint import dequantized_state_dict
 
-from . import ExportContext, ExportError, register
+from . import ExportContext, check_reload, register
 
 AUTO_MAP = {
     "AutoConfig": "configuration_flatllm.FlatLlamaConfig",
@@ -49,15 +48,5 @@ def export_hf(model, tokenizer, out: Path, ctx: ExportContext) -> dict:
     report = {"path": out.name, "dtype": ctx.dtype,
               "bytes": sum(f.stat().st_size for f in out.iterdir() if f.suffix == ".safetensors")}
     if ctx.sample is not None:
-        reloaded = load_model(str(out), dtype=ctx.dtype)
-        device = next(model.parameters()).device
-        with torch.no_grad():
-            want = model(ctx.sample.to(device), use_cache=False).logits.float().cpu()
-            got = reloaded(ctx.sample, use_cache=False).logits.float()
-        diff = (want - got).abs().max().item()
-        tol = 1e-5 if ctx.dtype == "float32" and next(model.parameters()).dtype == torch.float32 else 5e-2 * max(
-            1.0, want.abs().max().item())
-        report["max_abs_logit_diff"] = diff
-        if diff > tol:
-            raise ExportError(f"hf export at {out} does not reproduce the model: max |logit diff| {diff:.3g} > {tol:.3g}")
+        report.update(check_reload("hf", model, load_model(str(out), dtype=ctx.dtype), out, ctx))
     return report

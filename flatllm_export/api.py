@@ -15,6 +15,7 @@ from .evaluate import perplexity, torch_logits_fn
 from .modeling import load_model, load_tokenizer
 from .recipe import Recipe, RecipeError, dump_recipe
 from .stages import OutputDir, StageLog
+from .parity import DEFAULT_K
 from .validate import onnx_runtime, parity, torch_runtime
 
 
@@ -104,6 +105,7 @@ def run(recipe: Recipe, output: str | Path, overwrite: bool = False, keep_failed
             sample = eval_windows[:2, :64] if eval_windows is not None else torch.randint(
                 0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
             ctx = ExportContext(dtype=recipe.export.dtype, sample=sample,
+                                noise_k=recipe.validation.noise_k if recipe.validation else DEFAULT_K,
                                 extra={"accuracy_level": recipe.export.accuracy_level})
             rep["exports"] = {}
             for target in recipe.export.targets:
@@ -112,7 +114,7 @@ def run(recipe: Recipe, output: str | Path, overwrite: bool = False, keep_failed
                 rep["exports"][target] = log.stages[f"export_{target}"]
         if recipe.validation:
             with log.stage("validate") as st:
-                st.update(validate_outputs(work, recipe, tokenizer, torch_runtime("torch", model, "in memory")))
+                st.update(validate_outputs(work, recipe, tokenizer, model, "in memory"))
             rep["validation"] = log.stages["validate"]
         rep["stages"] = log.stages
         rep["total_seconds"] = round(sum(s["seconds"] for s in log.stages.values()), 2)
@@ -121,8 +123,9 @@ def run(recipe: Recipe, output: str | Path, overwrite: bool = False, keep_failed
     return rep
 
 
-def validate_outputs(folder: Path, recipe: Recipe, tokenizer, reference) -> dict:
-    """Parity of every runtime the recipe's validation section names, on the evaluation windows."""
+def validate_outputs(folder: Path, recipe: Recipe, tokenizer, model, note: str) -> dict:
+    """Parity of every runtime the recipe's validation section names, on the evaluation windows, judged against
+    the float64 reference of ``model`` (the PyTorch model as exported)."""
     val = recipe.validation
     datasets = val.datasets or [recipe.evaluation.dataset]
     windows = {}
@@ -134,7 +137,7 @@ def validate_outputs(folder: Path, recipe: Recipe, tokenizer, reference) -> dict
         others.append(torch_runtime("gptq", load_model(str(folder / "gptq")), "reloaded checkpoint"))
     if "onnxruntime" in val.runtimes:
         others.append(onnx_runtime(folder / "onnx"))
-    return parity(reference, others, windows, val, recipe.evaluation.batch_size)
+    return parity(model, others, windows, val, recipe.evaluation.batch_size, note)
 
 
 def validate_dir(folder: str | Path) -> dict:
@@ -151,8 +154,8 @@ def validate_dir(folder: str | Path) -> dict:
     ref_dir = folder / "gptq" if (folder / "gptq").is_dir() else folder / "hf"
     if not ref_dir.is_dir():
         raise ValueError(f"{folder} has neither gptq/ nor hf/: export a PyTorch target to validate against")
-    reference = torch_runtime("torch", load_model(str(ref_dir)), f"reloaded {ref_dir.name}/")
-    result = validate_outputs(folder, recipe, load_tokenizer(str(ref_dir)), reference)
+    result = validate_outputs(folder, recipe, load_tokenizer(str(ref_dir)), load_model(str(ref_dir)),
+                              f"reloaded {ref_dir.name}/")
     (folder / "validation.json").write_text(json.dumps(result, indent=1) + "\n")
     (folder / "validation.md").write_text(report.validation_markdown(result))
     return result

@@ -73,21 +73,32 @@ def layer0_inputs(model, windows: torch.Tensor, batch_size: int) -> tuple[torch.
     return hidden, cos.cpu(), sin.cpu()
 
 
-def run_sequential(model, windows: torch.Tensor, method: LayerMethod, device: str = "cpu", batch_size: int = 8,
-                   desc: str = "calibrate") -> None:
-    """Process every decoder layer of ``model`` in order with ``method`` (see module docstring)."""
+def run_layers(layers, inputs: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, method: LayerMethod | None,
+               device: str = "cpu", batch_size: int = 8, desc: str = "calibrate",
+               working_copy: Callable[[nn.Module], nn.Module] | None = None) -> torch.Tensor:
+    """The layer loop: each layer (or ``working_copy(layer)``, a throwaway copy such as a float64 one) visits the
+    device, is handed to ``method`` (None: only run it), and its outputs become the next layer's inputs.
+    Returns the last layer's outputs."""
     device = torch.device(device)
-    inputs, cos, sin = layer0_inputs(model, windows, batch_size)
-    layers = model.model.layers
-    for index in tqdm(range(len(layers)), desc=desc, unit="layer"):
-        layer = layers[index]
+    for index in tqdm(range(len(layers)), desc=desc, unit="layer", leave=working_copy is None):
+        layer = working_copy(layers[index]) if working_copy else layers[index]
         home = next(layer.parameters()).device
         layer.to(device)
         run = LayerRun(layer, inputs, cos, sin, device, batch_size)
-        changed = method.process_layer(index, layer, run)
+        changed = method.process_layer(index, layer, run) if method is not None else False
         if changed or run.outputs is None:
             run.forward()
         inputs = run.outputs
-        layer.to(home)
+        if working_copy is None:
+            layer.to(home)
+        del layer, run
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    return inputs
+
+
+def run_sequential(model, windows: torch.Tensor, method: LayerMethod, device: str = "cpu", batch_size: int = 8,
+                   desc: str = "calibrate") -> None:
+    """Process every decoder layer of ``model`` in order with ``method`` (see module docstring)."""
+    inputs, cos, sin = layer0_inputs(model, windows, batch_size)
+    run_layers(model.model.layers, inputs, cos, sin, method, device, batch_size, desc)

@@ -77,7 +77,8 @@ def main(argv: list[str] | None = None) -> int:
                           "validation": rep.get("validation", {}).get("passed"),
                           "total_seconds": rep["total_seconds"]}, indent=1))
         if "validation" in rep and not rep["validation"]["passed"]:
-            print(f"error: cross-runtime parity broke the tolerance: see {args.output}/report.md", file=sys.stderr)
+            failures = "\n".join(f"  - {m}" for m in rep["validation"]["failures"])
+            print(f"error: cross-runtime parity failed (see {args.output}/report.md):\n{failures}", file=sys.stderr)
             return 3
         return 0
     except (RecipeError, FileExistsError, FileNotFoundError, ValueError, RuntimeError) as exc:

@@ -134,3 +134,16 @@ def test_compress_quantize_export_reload_is_exact(tmp_path):
     assert got == rep["perplexity"]["quantized"]
     assert rep["perplexity"]["quantized"] < rep["perplexity"]["dense"] * 1.5
     assert rep["exports"]["gptq"]["bytes"] < rep["exports"]["hf"]["bytes"] / 2
+
+
+def test_quantized_linear_computes_with_the_float16_bias_the_checkpoint_holds():
+    """FLAP's compensated biases are float32 in memory but float16 in a GPTQ checkpoint: a QuantLinear rounds its
+    bias when built, so the in-memory model and the reloaded checkpoint are the same model (the gptq exporter's
+    reload check found the difference: 0.14 in SmolLM2's logits after FLAP 30%)."""
+    from flatllm_export.quantize.qlinear import QuantLinear
+
+    w, _, h = problem()
+    q, _ = quantize_weight(w, h, 4, 32, True, False, block_size=32)
+    bias = torch.randn(w.shape[0], generator=torch.Generator().manual_seed(0)) * 3
+    m = QuantLinear.from_quantized(q, bias, "gptq")
+    assert torch.equal(m.bias.data, bias.half().float()) and not torch.equal(m.bias.data, bias)

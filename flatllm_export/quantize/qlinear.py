@@ -31,8 +31,8 @@ class QuantLinear(nn.Module):
         m = cls(in_f, out_f, q.bits, q.group_size, bias is not None, checkpoint_format)
         for k, v in pack_weight(q, checkpoint_format).items():
             getattr(m, k).copy_(v)
-        if bias is not None:
-            m.bias.data = bias.detach().clone()
+        if bias is not None:  # the checkpoint format stores biases in float16: compute with what it will hold
+            m.bias.data = bias.detach().to(torch.float16).to(bias.dtype)
         return m
 
     def quantized(self) -> QuantizedWeight:
