@@ -106,6 +106,13 @@ def main() -> None:
         old = json.loads(path.read_text()) if path.exists() else {}
         results = {n: {"rows": rows_of(n, rep), "seconds": old.get(n, {}).get("seconds"),
                        "failures": rep["validation"]["failures"]} for n, rep in runs.items()}
+        for n in results:  # `flatllm-export validate DIR` reruns (current code, the folder's recipe.yaml)
+            for f in sorted((OUT / n).glob("validation*.json")):
+                v = json.loads(f.read_text())
+                results[n]["rows"].append({"config": f"{n} ({f.stem}, {v['sample']['windows']} sample window(s))",
+                                           "runtime": "(timing)", "validation_s": v["seconds"],
+                                           "float64_s": v["float64_seconds"], "ok": v["passed"],
+                                           "float64_overhead": v["float64_seconds"] / (v["seconds"] - v["float64_seconds"])})
         path.write_text(json.dumps(results, indent=1) + "\n")
         return write_md(results)
     for name in args.configs:
