@@ -13,7 +13,8 @@ each from PyTorch run at that precision on the same inputs:
   accuracy_level 0/1, which dequantizes to float32);
 - ``fp16`` / ``bf16``: PyTorch float16 / bfloat16 (fp16 ONNX exports; MatMulNBits accuracy_level 2 / 3);
 - ``int8``: MatMulNBits accuracy_level 4 quantizes activations to int8, which PyTorch has no counterpart for: its
-  floor is the fp32 floor x ``INT8_ACTIVATION_FACTOR``, a factor measured on SmolLM2-135M (see README).
+  floor is the fp32 floor x ``INT8_ACTIVATION_FACTOR``, a factor measured on SmolLM2-135M (see README); it is
+  loose: small export bugs hide in int8 noise, so validate such a model's fp32 (accuracy_level 0) export too.
 
 Figures: ``logits`` (max |logit - float64| over a sample), ``ppl`` (|log ppl - log ppl64| on the sample, whose
 floor is PyTorch's, but never less than its per-token NLL noise over sqrt(tokens), so a lucky cancellation in
@@ -29,8 +30,11 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
-DEFAULT_K = 4.0
-INT8_ACTIVATION_FACTOR = 200.0
+DEFAULT_K = 8.0  # largest deviation / floor seen on correct exports: 3.0 (README, docs/bench_parity.md)
+# int8 activations (MatMulNBits accuracy_level 4) measured on SmolLM2-135M dense GPTQ int4 g32: onnxruntime's
+# deviation from float64 was 17,100x PyTorch fp32's (logits, 1 x 512 sample), 48,700x (self-check, random
+# tokens) and 19,800x (ppl); 12,500 with k = 8 leaves 2x headroom over the largest.
+INT8_ACTIVATION_FACTOR = 12500.0
 EPS32 = float(torch.finfo(torch.float32).eps)
 DTYPE_OF_KIND = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 KIND_OF_DTYPE = {v: k for k, v in DTYPE_OF_KIND.items()}

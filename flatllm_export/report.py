@@ -72,7 +72,8 @@ def markdown(rep: dict) -> str:
     if "exports" in rep:
         lines += ["## Exports", "", _table([{"target": k, **{kk: vv for kk, vv in v.items() if not isinstance(vv, dict)}}
                                             for k, v in rep["exports"].items()],
-                                           ["target", "path", "bytes", "max_abs_logit_diff", "noise_floor", "tolerance", "seconds"]), ""]
+                                           ["target", "path", "bytes", "max_abs_logit_diff", "noise_floor",
+                                            "tolerance", "seconds"]), ""]
     if "validation" in rep:
         lines += [validation_markdown(rep["validation"])]
     lines += ["## Stages", "", _table([{"stage": k, "seconds": s["seconds"], "peak_rss_mb": s["peak_rss_mb"]}

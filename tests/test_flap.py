@@ -9,7 +9,7 @@ from flatllm_export.compress import compress_flap
 from flatllm_export.compress.flap import FlapStats, apply_flap, select_removals
 from flatllm_export.modeling import load_model
 from flatllm_export.modeling.loading import resolve_model_path
-from flatllm_export.validate import onnx_runtime, parity, torch_runtime
+from flatllm_export.validate import onnx_runtime, parity
 from flatllm_export.recipe import ValidationSection
 
 from .test_onnx import check, windows
@@ -108,6 +108,6 @@ with torch.no_grad():
 '''
     assert float(run_python(code, str(tmp_path / "hf"), str(tmp_path / "want.pt"))) < 1e-5
     export("onnx", model, None, tmp_path / "onnx", ExportContext())
-    res = parity(torch_runtime("torch", model), [onnx_runtime(tmp_path / "onnx")], {"test": windows("ref-llama")},
+    res = parity(model, [onnx_runtime(tmp_path / "onnx")], {"test": windows("ref-llama")},
                  ValidationSection(generate_tokens=64))
-    check(res["rows"])
+    check(res)

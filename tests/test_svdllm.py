@@ -7,7 +7,7 @@ from flatllm_export.compress import compress_svdllm
 from flatllm_export.compress.svdllm import SVDLLMLayerMethod, svd_rank, whitened_factors
 from flatllm_export.modeling import load_model
 from flatllm_export.recipe import ValidationSection
-from flatllm_export.validate import onnx_runtime, parity, torch_runtime
+from flatllm_export.validate import onnx_runtime, parity
 
 from .test_onnx import check, windows
 
@@ -53,6 +53,6 @@ def test_svdllm_accounting_reload_and_onnx(tmp_path):
     export("hf", model, None, tmp_path / "hf", ExportContext(sample=windows("ref-llama")[:1, :32]))
     assert load_model(str(tmp_path / "hf")).config.layer_shapes == model.config.layer_shapes
     export("onnx", model, None, tmp_path / "onnx", ExportContext())
-    res = parity(torch_runtime("torch", model), [onnx_runtime(tmp_path / "onnx")], {"test": windows("ref-llama")},
+    res = parity(model, [onnx_runtime(tmp_path / "onnx")], {"test": windows("ref-llama")},
                  ValidationSection(generate_tokens=64))
-    check(res["rows"])
+    check(res)
