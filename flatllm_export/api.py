@@ -15,7 +15,7 @@ from .evaluate import perplexity, torch_logits_fn
 from .modeling import load_model, load_tokenizer
 from .recipe import Recipe, dump_recipe
 from .stages import OutputDir, StageLog
-from .validate import onnx_runtime, parity, torch_runtime
+from .validate import genai_runtime, onnx_runtime, parity, torch_runtime
 
 
 def evaluation_windows(recipe: Recipe, tokenizer) -> torch.Tensor:
@@ -129,6 +129,8 @@ def validate_outputs(folder: Path, recipe: Recipe, tokenizer, reference) -> dict
         others.append(torch_runtime("gptq", load_model(str(folder / "gptq")), "reloaded checkpoint"))
     if "onnxruntime" in val.runtimes:
         others.append(onnx_runtime(folder / "onnx"))
+    if "onnxruntime-genai" in val.runtimes:
+        others.append(genai_runtime(folder / "onnx"))
     return parity(reference, others, windows, val, recipe.evaluation.batch_size)
 
 

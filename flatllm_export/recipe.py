@@ -132,7 +132,7 @@ class ExportSection(Strict):
 
 
 class ValidationSection(Strict):
-    runtimes: list[Literal["torch", "onnxruntime", "gptq"]] = Field(default_factory=lambda: ["torch", "onnxruntime"])
+    runtimes: list[Literal["torch", "onnxruntime", "onnxruntime-genai", "gptq"]] = Field(default_factory=lambda: ["torch", "onnxruntime"])
     datasets: list[str] = Field(default_factory=list, description="evaluation datasets (default: evaluation's)")
     max_ppl_rel_diff: float = Field(1e-4, gt=0, description="fp32 ONNX and GPTQ reload vs PyTorch")
     max_ppl_rel_diff_lowp: float = Field(5e-3, gt=0, description="fp16 ONNX, int4 ONNX at accuracy_level 4")
@@ -167,10 +167,16 @@ class Recipe(Strict):
         if self.validation:
             if self.evaluation is None:
                 raise ValueError("validation needs an evaluation section (dataset, split, seqlen of the windows)")
-            need = {"onnxruntime": "onnx", "gptq": "gptq"}
+            need = {"onnxruntime": "onnx", "onnxruntime-genai": "onnx", "gptq": "gptq"}
             for rt in self.validation.runtimes:
                 if rt in need and need[rt] not in targets:
                     raise ValueError(f"validation.runtimes has '{rt}' but export.targets lacks '{need[rt]}'")
+            c = self.compression
+            if "onnxruntime-genai" in self.validation.runtimes and c is not None and c.method == "flatllm":
+                raise ValueError("validation.runtimes has 'onnxruntime-genai', but FLAT-LLM narrows each layer's "
+                                 "value heads and the onnx export keeps that narrower value cache, which "
+                                 "onnxruntime-genai cannot hold (it shapes the value cache like the key cache); "
+                                 "use runtime 'onnxruntime' for FLAT-LLM, or FLAP / SVD-LLM / no compression")
         return self
 
 

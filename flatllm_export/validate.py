@@ -36,14 +36,33 @@ def torch_runtime(name: str, model, note: str = "") -> Runtime:
     return Runtime(name, torch_logits_fn(model), lambda ids, n: greedy_torch(model, ids, n), False, note)
 
 
+def _onnx_traits(meta: dict) -> tuple[bool, str]:
+    """(approximate, note) of an ONNX export from its metadata: fp16 or int8 activations are approximate."""
+    approx = meta["dtype"] != "float32" or (meta["int4"] and meta.get("accuracy_level"))
+    note = ("int4 MatMulNBits " if meta["int4"] else "") + meta["dtype"]
+    return bool(approx), note
+
+
 def onnx_runtime(folder: Path) -> Runtime:
     from .runtime.ort import OrtDecoder
 
     dec = OrtDecoder(folder)
-    approx = dec.meta["dtype"] != "float32" or (dec.meta["int4"] and dec.meta.get("accuracy_level"))
-    note = ("int4 MatMulNBits" if dec.meta["int4"] else "") + (f" {dec.meta['dtype']}")
-    return Runtime("onnxruntime", dec.logits_fn(), lambda ids, n: dec.generate(ids.numpy(), n), bool(approx),
-                   note.strip())
+    approx, note = _onnx_traits(dec.meta)
+    return Runtime("onnxruntime", dec.logits_fn(), lambda ids, n: dec.generate(ids.numpy(), n), approx, note)
+
+
+def genai_runtime(folder: Path) -> Runtime:
+    """The same export run by onnxruntime-genai (its own generation loop and KV cache)."""
+    from .runtime.genai import GenaiDecoder, genai_blocker, load_meta
+
+    meta = load_meta(folder)
+    reason = genai_blocker(meta)
+    if reason:
+        raise ValueError(f"validation runtime 'onnxruntime-genai' cannot run {folder}: {reason}")
+    dec = GenaiDecoder(folder)
+    approx, note = _onnx_traits(meta)
+    return Runtime("onnxruntime-genai", dec.logits_fn(), lambda ids, n: dec.generate(ids.numpy(), n), approx,
+                   note)
 
 
 def parity(reference: Runtime, others: list[Runtime], windows: dict[str, torch.Tensor], settings,

@@ -90,20 +90,23 @@ class GenaiDecoder:
         self.model = og.Model(cfg)
         self.context_length = json.loads((self.folder / CONFIG_FILE).read_text())["model"]["context_length"]
 
-    def generator(self, max_length: int, fixed_length: bool = False):
-        """A greedy generator; ``fixed_length`` ignores EOS (min_length = max_length), for timing."""
+    def generator(self, max_length: int, fixed_length: bool = False, **search):
+        """A generator, greedy unless ``search`` says otherwise (do_sample, temperature, top_k, random_seed);
+        ``fixed_length`` ignores EOS (min_length = max_length), for timing."""
         params = self.og.GeneratorParams(self.model)
-        opts = {"do_sample": False, "max_length": max_length, "batch_size": 1}
+        opts = {"do_sample": False, "max_length": max_length, "batch_size": 1, **search}
         if fixed_length:
             opts["min_length"] = max_length
         params.set_search_options(**opts)
         return self.og.Generator(self.model, params)
 
-    def generate(self, input_ids: np.ndarray, max_new_tokens: int, fixed_length: bool = False) -> np.ndarray:
-        """Greedy tokens after each prompt row (one row at a time); stops early at EOS unless fixed_length."""
+    def generate(self, input_ids: np.ndarray, max_new_tokens: int, fixed_length: bool = False,
+                 **search) -> np.ndarray:
+        """New tokens after each prompt row (one row at a time, rows padded with -1 when one stops early at
+        EOS); greedy unless ``search`` asks for sampling."""
         rows = []
         for prompt in np.asarray(input_ids, dtype=np.int32):
-            gen = self.generator(len(prompt) + max_new_tokens, fixed_length)
+            gen = self.generator(len(prompt) + max_new_tokens, fixed_length, **search)
             gen.append_tokens(prompt[None])
             new = []
             while len(new) < max_new_tokens and not gen.is_done():
