@@ -25,6 +25,12 @@ def main(argv: list[str] | None = None) -> int:
     _recipe_args(p)
     p.add_argument("--output", "-o", required=True, help="output directory (must not exist unless --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p = sub.add_parser("import-gguf", help="convert a llama.cpp GGUF file (llama / mistral) to a Hugging Face folder")
+    p.add_argument("file", help="the .gguf file")
+    p.add_argument("--output", "-o", required=True, help="output folder (must not exist unless --overwrite)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float32",
+                   help="dtype of the written safetensors (GGUF tensors are dequantized to it)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p = sub.add_parser("validate", help="cross-runtime parity of a finished run's output directory")
     p.add_argument("dir")
     p = sub.add_parser("generate", help="generate text from an exported model (onnxruntime, onnxruntime-genai or PyTorch)")
@@ -38,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     try:
+        if args.command == "import-gguf":
+            from .modeling.gguf_import import import_gguf
+
+            print(json.dumps(import_gguf(args.file, args.output, args.dtype, args.overwrite), indent=1))
+            return 0
         if args.command == "validate":
             from .api import validate_dir
 

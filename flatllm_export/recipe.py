@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import data
+from .modeling.gguf_import import inspect_gguf
 from .modeling.loading import DTYPES, SHORT_NAMES
 
 
@@ -31,7 +32,8 @@ def _check_dataset(value: str) -> str:
 
 
 class ModelSection(Strict):
-    path: str = Field(description="local HF folder, short name (ref-llama, ref-gqa) or hub id")
+    path: str = Field(description="local HF folder, .gguf file, short name (ref-llama, ref-gqa, smollm2-135m) "
+                      "or hub id")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     device: str = "cpu"
 
@@ -40,9 +42,12 @@ class ModelSection(Strict):
     def _path(cls, v: str) -> str:
         if v in SHORT_NAMES or os.path.isdir(os.path.expanduser(v)):
             return v
+        if v.endswith(".gguf"):
+            inspect_gguf(os.path.expanduser(v))  # exists, is GGUF, is whole, is llama / mistral
+            return v
         if v.startswith((".", "/", "~")) or v.count("/") != 1:
-            raise ValueError(f"'{v}' is not an existing model folder, a short name ({', '.join(SHORT_NAMES)}) "
-                             "or a hub id like 'meta-llama/Llama-2-7b-hf'")
+            raise ValueError(f"'{v}' is not an existing model folder, a .gguf file, a short name "
+                             f"({', '.join(SHORT_NAMES)}) or a hub id like 'meta-llama/Llama-2-7b-hf'")
         return v  # a hub id: checked when downloaded
 
     @field_validator("device")

@@ -8,6 +8,7 @@ from flatllm_export.calibration import LayerRun, layer0_inputs
 from flatllm_export.compress import compress_flap
 from flatllm_export.compress.flap import FlapStats, apply_flap, select_removals
 from flatllm_export.modeling import load_model
+from flatllm_export.modeling.loading import resolve_model_path
 from flatllm_export.validate import onnx_runtime, parity, torch_runtime
 from flatllm_export.recipe import ValidationSection
 
@@ -91,7 +92,7 @@ def test_uneven_heads_save_reload_fresh_process_and_onnx_parity(tmp_path):
     assert len(set(heads)) > 1
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(str(__import__("flatllm_export").modeling.loading.SHORT_NAMES["ref-llama"]))
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("ref-llama"))
     prompt = windows("ref-llama")[:1, :32]
     export("hf", model, tok, tmp_path / "hf", ExportContext(sample=prompt))
     with torch.no_grad():

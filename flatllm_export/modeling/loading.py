@@ -15,12 +15,16 @@ from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer
 
 from .configuration_flatllm import FlatLlamaConfig
+from .gguf_import import gguf_folder, smollm2_folder
 from .modeling_flatllm import FlatLlamaForCausalLM
 
 SUPPORTED = ("llama", "mistral", FlatLlamaConfig.model_type)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 REPO_ROOT = Path(__file__).resolve().parents[2]
-SHORT_NAMES = {"ref-llama": REPO_ROOT / "models" / "ref-llama", "ref-gqa": REPO_ROOT / "models" / "ref-gqa"}
+# short name -> its folder; smollm2-135m is built on first use from a PyPI wheel into a cache outside the repo
+SHORT_NAMES = {"ref-llama": lambda: REPO_ROOT / "models" / "ref-llama",
+               "ref-gqa": lambda: REPO_ROOT / "models" / "ref-gqa",
+               "smollm2-135m": smollm2_folder}
 
 
 class ModelLoadError(ValueError):
@@ -28,14 +32,17 @@ class ModelLoadError(ValueError):
 
 
 def resolve_model_path(path: str) -> str:
-    """A short name (ref-llama, ref-gqa), a local folder, or a hub id (downloaded, safetensors only)."""
+    """A short name, a local folder, a .gguf file (converted once into the cache), or a hub id (downloaded,
+    safetensors only)."""
     if path in SHORT_NAMES:
-        return str(SHORT_NAMES[path])
+        return str(SHORT_NAMES[path]())
     expanded = os.path.expanduser(path)
     if os.path.isdir(expanded):
         return expanded
+    if expanded.endswith(".gguf") and os.path.isfile(expanded):
+        return str(gguf_folder(expanded))
     if os.path.exists(expanded) or path.startswith((".", "/")) or path.count("/") != 1:
-        raise ModelLoadError(f"model.path '{path}' is not a model folder, a short name "
+        raise ModelLoadError(f"model.path '{path}' is not a model folder, a .gguf file, a short name "
                              f"({', '.join(SHORT_NAMES)}) or a hub id like 'meta-llama/Llama-2-7b-hf'")
     try:
         from huggingface_hub import snapshot_download
