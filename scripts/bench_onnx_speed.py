@@ -166,10 +166,10 @@ def builds(args, tok, calib, windows) -> list[dict]:
     rows = []
     for precision in ("fp32", "int4"):
         label = f"genai builder {precision}"
-        if not args.quick or label in QUICK:
+        if (not args.quick or label in QUICK) and (not args.only or f"genai-{precision}" in args.only):
             rows.append({"export": label, "runtime": "onnxruntime-genai", "path": str(build_genai(precision))})
     for v in VARIANTS:
-        if args.quick and v.label not in QUICK:
+        if (args.quick and v.label not in QUICK) or (args.only and v.slug not in args.only):
             continue
         info = build_variant(v, args, tok, calib, windows)
         blocker = genai_blocker(load_meta(info["onnx"]))
@@ -348,6 +348,8 @@ def main() -> None:
     ap.add_argument("--stage", choices=["all", "build", "report"], default="all")
     ap.add_argument("--quick", action="store_true", help="4 rows, 32 decode tokens, 2 windows")
     ap.add_argument("--remeasure", action="store_true")
+    ap.add_argument("--only", type=lambda v: v.split(","), default=[],
+                    help="comma-separated rows: genai-fp32, genai-int4, dense-fp32, dense-int4, flatllm-30-int4, ...")
     ap.add_argument("--scaled", action="store_true", help="also measure the scaled random-weight model")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt", type=int, default=128)
@@ -356,8 +358,8 @@ def main() -> None:
     ap.add_argument("--new-long", type=int, default=32)
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--seqlen", type=int, default=512)
-    ap.add_argument("--nsamples", type=int, default=32)
-    ap.add_argument("--calib-seqlen", type=int, default=512)
+    ap.add_argument("--nsamples", type=int, default=16)
+    ap.add_argument("--calib-seqlen", type=int, default=256)
     ap.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4])
     args = ap.parse_args()
     if args.quick:

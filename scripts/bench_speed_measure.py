@@ -38,8 +38,8 @@ class Ours:
         self.logits_fn = self.dec.logits_fn()
 
     def prefill(self, ids: np.ndarray, new_tokens: int):
-        buf = self.dec.logits_buffer(*ids.shape)
-        return self.dec.run(ids, self.dec.empty_past(1), buf), int(buf[0, -1].argmax())
+        buf = self.dec.logits_buffer(*ids.shape, last_only=True)
+        return self.dec.run(ids, self.dec.empty_past(1), buf, last_only=True), int(buf[0, -1].argmax())
 
     def step(self, past, token: int):
         past = self.dec.run(np.array([[token]], dtype=np.int64), past, self.step_logits)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 META_FILE = "flatllm_onnx.json"
+KEEP_INPUT = "num_logits_to_keep"  # optional graph input (exporters/onnx_logits.py): logits of the last N only
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
@@ -43,6 +44,7 @@ class OrtDecoder:
         self.logits_name = self.meta["outputs"][0]
         self.takes_mask = "attention_mask" in graph_inputs
         self.takes_positions = "position_ids" in graph_inputs
+        self.takes_keep = KEEP_INPUT in graph_inputs  # graphs that can skip the lm_head of earlier positions
         logits_type = next(o.type for o in self.session.get_outputs() if o.name == self.logits_name)
         self.logits_dtype = _NP_TYPES.get(logits_type, np.float32)
         self.vocab_size = int(self.meta["vocab_size"])
@@ -69,10 +71,12 @@ class OrtDecoder:
         return [np.zeros(s, self.np_dtype) for s in self.cache_shapes(batch, 0)]
 
     def run(self, input_ids: np.ndarray, past: list, logits_out: np.ndarray,
-            attention_mask: np.ndarray | None = None, position_ids: np.ndarray | None = None) -> list:
+            attention_mask: np.ndarray | None = None, position_ids: np.ndarray | None = None,
+            last_only: bool = False) -> list:
         """One step through an IO binding. ``past``: per-layer OrtValues (a previous run's presents) or arrays;
-        ``logits_out``: a (B, T, V) buffer onnxruntime writes the logits into. Returns the presents as OrtValues
-        that stay in onnxruntime memory."""
+        ``logits_out``: the buffer onnxruntime writes the logits into, (B, T, V), or (B, 1, V) with
+        ``last_only`` when the graph takes num_logits_to_keep (see ``logits_buffer``). Returns the presents as
+        OrtValues that stay in onnxruntime memory."""
         batch, seq = input_ids.shape
         past_len = _length(past[0])
         io = self.session.io_binding()
@@ -93,10 +97,14 @@ class OrtDecoder:
                 io.bind_cpu_input(name, keep[-1])
             else:
                 io.bind_ortvalue_input(name, value)
-        if logits_out.shape != (batch, seq, self.vocab_size) or logits_out.dtype != self.logits_dtype \
+        rows = 1 if last_only and self.takes_keep else seq
+        if self.takes_keep:
+            keep.append(np.array(rows if last_only else 0, np.int64))
+            io.bind_cpu_input(KEEP_INPUT, keep[-1])
+        if logits_out.shape != (batch, rows, self.vocab_size) or logits_out.dtype != self.logits_dtype \
                 or not logits_out.flags.c_contiguous:
             raise ValueError(f"logits buffer {logits_out.shape} {logits_out.dtype} does not fit "
-                             f"({batch}, {seq}, {self.vocab_size}) {np.dtype(self.logits_dtype)}")
+                             f"({batch}, {rows}, {self.vocab_size}) {np.dtype(self.logits_dtype)}")
         io.bind_output(self.logits_name, "cpu", 0, self.logits_dtype, list(logits_out.shape),
                        logits_out.ctypes.data)
         for name in self.present_names:
@@ -104,8 +112,8 @@ class OrtDecoder:
         self.session.run_with_iobinding(io)
         return io.get_outputs()[1:]
 
-    def logits_buffer(self, batch: int, seq: int) -> np.ndarray:
-        return np.empty((batch, seq, self.vocab_size), self.logits_dtype)
+    def logits_buffer(self, batch: int, seq: int, last_only: bool = False) -> np.ndarray:
+        return np.empty((batch, 1 if last_only and self.takes_keep else seq, self.vocab_size), self.logits_dtype)
 
     def forward(self, input_ids: np.ndarray, past: list | None = None,
                 attention_mask: np.ndarray | None = None, position_ids: np.ndarray | None = None
@@ -136,8 +144,8 @@ class OrtDecoder:
         rng = np.random.default_rng(seed)
         ids = np.asarray(input_ids, dtype=np.int64)
         batch = ids.shape[0]
-        prefill = self.logits_buffer(batch, ids.shape[1])
-        past = self.run(ids, self.empty_past(batch), prefill)
+        prefill = self.logits_buffer(batch, ids.shape[1], last_only=True)
+        past = self.run(ids, self.empty_past(batch), prefill, last_only=True)
         last, step = prefill[:, -1], self.logits_buffer(batch, 1)
         out = [ids]
         for _ in range(max_new_tokens):
