@@ -114,19 +114,22 @@ def build_variant(v: Variant, args, tok, calib, windows) -> dict:
     info_path = folder / "info.json"
     if not info_path.exists():
         t0 = time.time()
-        model = load_model(str(src))
-        info = {"label": v.label}
-        if v.method:
-            section = CompressionSection(method=v.method, ratio=v.ratio)
-            rep = compress(model, calib, section, "cpu", 8, math.lcm(32, GROUP))
-            info["achieved_ratio"] = rep.get("achieved_ratio")
-        if v.int4:
-            from flatllm_export.quantize import quantize_model
+        if (folder / "model" / "config.json").exists():  # checkpoint written, info not (interrupted run)
+            model = load_model(str(folder / "model"))
+        else:
+            model = load_model(str(src))
+            if v.method:
+                compress(model, calib, CompressionSection(method=v.method, ratio=v.ratio), "cpu", 8,
+                         math.lcm(32, GROUP))
+            if v.int4:
+                from flatllm_export.quantize import quantize_model
 
-            quantize_model(model, calib, QuantizationSection(bits=4, group_size=GROUP))
-            export("gptq", model, tok, folder / "model", ExportContext())
-        info.update(torch_ppl=ppl(model, windows, 4), decoder_linear_params=accounting.decoder_linear_params(
-            model.config), build_s=round(time.time() - t0, 1))
+                quantize_model(model, calib, QuantizationSection(bits=4, group_size=GROUP))
+                export("gptq", model, tok, folder / "model", ExportContext())
+        params = accounting.decoder_linear_params(model.config)
+        dense = accounting.decoder_linear_params(load_model(str(src)).config) if v.method else params
+        info = {"label": v.label, "achieved_ratio": round(1 - params / dense, 4), "decoder_linear_params": params,
+                "torch_ppl": ppl(model, windows, 4), "build_s": round(time.time() - t0, 1)}
         folder.mkdir(parents=True, exist_ok=True)
         info_path.write_text(json.dumps(info, indent=1) + "\n")
         print(f"built {v.label}: {info}", flush=True)
