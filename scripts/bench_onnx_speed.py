@@ -53,7 +53,8 @@ from flatllm_export.runtime.genai import genai_blocker, load_meta  # noqa: E402
 
 CACHE = Path.home() / ".cache" / "flatllm-export" / "bench-speed"
 BUILDER_VENV = Path.home() / ".cache" / "flatllm-export" / "genai-builder-venv"
-# what onnxruntime-genai 0.18's builder imports for a Llama (checked: without torch or onnx_ir it fails to start)
+# onnxruntime-genai 0.18's builder imports torch, onnx_ir and transformers 5.x (AutoConfig / AutoTokenizer) at the
+# top of builder.py, and onnx in some of its passes; torch pinned to the CPU build this machine has on disk
 BUILDER_PACKAGES = ["torch==2.13.0", "transformers>=5", "onnxruntime-genai==0.18.*", "onnx", "onnx_ir"]
 MODEL = "smollm2-135m"
 MEASURE = Path(__file__).resolve().parent / "bench_speed_measure.py"

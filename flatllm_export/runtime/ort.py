@@ -80,27 +80,27 @@ class OrtDecoder:
         batch, seq = input_ids.shape
         past_len = _length(past[0])
         io = self.session.io_binding()
-        keep = [np.ascontiguousarray(input_ids, dtype=np.int64)]  # bound by pointer: alive until run returns
-        io.bind_cpu_input("input_ids", keep[0])
+        alive = [np.ascontiguousarray(input_ids, dtype=np.int64)]  # bound by pointer: kept until run returns
+        io.bind_cpu_input("input_ids", alive[0])
         if self.takes_mask:
             mask = np.ones((batch, past_len + seq), np.int64) if attention_mask is None else attention_mask
-            keep.append(np.ascontiguousarray(mask, dtype=np.int64))
-            io.bind_cpu_input("attention_mask", keep[-1])
+            alive.append(np.ascontiguousarray(mask, dtype=np.int64))
+            io.bind_cpu_input("attention_mask", alive[-1])
         if self.takes_positions:
             pos = (np.broadcast_to(np.arange(past_len, past_len + seq, dtype=np.int64), (batch, seq))
                    if position_ids is None else position_ids)
-            keep.append(np.ascontiguousarray(pos, dtype=np.int64))
-            io.bind_cpu_input("position_ids", keep[-1])
+            alive.append(np.ascontiguousarray(pos, dtype=np.int64))
+            io.bind_cpu_input("position_ids", alive[-1])
         for name, value in zip(self.past_names, past):
             if isinstance(value, np.ndarray):
-                keep.append(np.ascontiguousarray(value, dtype=self.np_dtype))
-                io.bind_cpu_input(name, keep[-1])
+                alive.append(np.ascontiguousarray(value, dtype=self.np_dtype))
+                io.bind_cpu_input(name, alive[-1])
             else:
                 io.bind_ortvalue_input(name, value)
         rows = 1 if last_only and self.takes_keep else seq
         if self.takes_keep:
-            keep.append(np.array(rows if last_only else 0, np.int64))
-            io.bind_cpu_input(KEEP_INPUT, keep[-1])
+            alive.append(np.array(rows if last_only else 0, np.int64))
+            io.bind_cpu_input(KEEP_INPUT, alive[-1])
         if logits_out.shape != (batch, rows, self.vocab_size) or logits_out.dtype != self.logits_dtype \
                 or not logits_out.flags.c_contiguous:
             raise ValueError(f"logits buffer {logits_out.shape} {logits_out.dtype} does not fit "
