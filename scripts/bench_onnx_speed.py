@@ -130,18 +130,22 @@ def build_variant(v: Variant, args, tok, calib, windows) -> dict:
         params = accounting.decoder_linear_params(model.config)
         dense = accounting.decoder_linear_params(load_model(str(src)).config) if v.method else params
         info = {"label": v.label, "achieved_ratio": round(1 - params / dense, 4), "decoder_linear_params": params,
-                "torch_ppl": ppl(model, windows, 4), "build_s": round(time.time() - t0, 1)}
+                "build_s": round(time.time() - t0, 1)}
         folder.mkdir(parents=True, exist_ok=True)
         info_path.write_text(json.dumps(info, indent=1) + "\n")
         print(f"built {v.label}: {info}", flush=True)
     info = json.loads(info_path.read_text())
+    key = f"torch_ppl_{args.windows}x{args.seqlen}"  # PyTorch's perplexity of the model on the benchmark windows
+    if key not in info:
+        info[key] = ppl(load_model(str(folder / "model" if v.int4 else src)), windows, 4)
+        info_path.write_text(json.dumps(info, indent=1) + "\n")
     onnx_dir = CACHE / "exports" / f"{graph_key()}-a{args.accuracy_level}" / v.slug
     if not (onnx_dir / "flatllm_onnx.json").exists():
         model = load_model(str(folder / "model" if v.int4 else src))
         if onnx_dir.exists():
             shutil.rmtree(onnx_dir)
         export("onnx", model, tok, onnx_dir, ExportContext(extra={"accuracy_level": args.accuracy_level}))
-    return {**info, "onnx": str(onnx_dir)}
+    return {**info, "torch_ppl": info[key], "onnx": str(onnx_dir)}
 
 
 def builder_python() -> Path:
@@ -178,9 +182,12 @@ def builds(args, tok, calib, windows) -> list[dict]:
         info = build_variant(v, args, tok, calib, windows)
         blocker = genai_blocker(load_meta(info["onnx"]))
         for rt in ("onnxruntime", "onnxruntime-genai"):
-            row = {"export": v.label, "runtime": rt, "path": info["onnx"], "ppl PyTorch": info["torch_ppl"]}
+            row = {"export": v.label, "runtime": rt, "path": info["onnx"], "ppl PyTorch": info["torch_ppl"],
+                   "achieved ratio": info["achieved_ratio"]}
             if rt == "onnxruntime-genai" and blocker:
                 row["note"] = "cannot run: value cache narrower than key cache"
+            elif rt == "onnxruntime-genai":  # the same graph as the row before: its perplexity is that row's
+                row.update(skip_ppl=True, note="ppl: same graph as our runtime's row")
             rows.append(row)
     return rows
 
@@ -190,6 +197,7 @@ def builds(args, tok, calib, windows) -> list[dict]:
 def measure(row: dict, inputs: Path, args) -> dict:
     cmd = [sys.executable, str(MEASURE), row["runtime"], row["path"], "--inputs", str(inputs), "--threads",
            str(args.threads), "--new", str(args.new), "--new-long", str(args.new_long)]
+    cmd += ["--no-ppl"] if row.get("skip_ppl") else []
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if res.returncode:
         return {"note": "failed: " + res.stderr.strip().splitlines()[-1][:200]}
@@ -201,7 +209,7 @@ def measure_all(rows: list[dict], inputs: Path, args, cached_only: bool = False)
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
     for row in rows:
         key = f"{row['path']}|{row['runtime']}|{inputs.name}|{args.new}|{args.new_long}|{args.threads}"
-        if "note" in row or (cached_only and key not in cache):
+        if "cannot run" in row.get("note", "") or (cached_only and key not in cache):
             continue
         if key not in cache or (args.remeasure and not cached_only):
             cache[key] = {**measure(row, inputs, args), "measured": time.strftime("%Y-%m-%d %H:%M")}
@@ -209,6 +217,10 @@ def measure_all(rows: list[dict], inputs: Path, args, cached_only: bool = False)
         row.update(cache[key])
         row["file MB"] = file_mb(Path(row["path"]))
         print({k: v for k, v in row.items() if k not in ("path", "tokens")}, flush=True)
+    for ours, genai in zip(rows, rows[1:]):  # same export, both runtimes: do they pick the same greedy tokens?
+        if ours["export"] == genai["export"] and "tokens" in ours and "tokens" in genai:
+            same = int(np.cumprod(np.array(ours["tokens"]) == np.array(genai["tokens"])).sum())
+            genai["note"] = f"{genai['note']}; greedy tokens equal to ours: {same}/{len(ours['tokens'])}"
     return rows
 
 
@@ -229,6 +241,7 @@ def add_ratios(rows: list[dict]) -> None:
 
 def plot(rows: list[dict], path: Path) -> None:
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -245,6 +258,8 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_xlabel(xlabel)
         ax.set_ylabel("perplexity (test plays)")
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.ScalarFormatter())
         ax.grid(alpha=0.3)
         ax.legend()
     axes[0].set_title("quality vs decode speed (up and left is worse)")
@@ -253,7 +268,7 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-COLS = ["export", "runtime", "prefill_ms", "decode_tok_s", "decode_long_tok_s", "decode vs genai int4",
+COLS = ["export", "runtime", "achieved ratio", "prefill_ms", "decode_tok_s", "decode_long_tok_s", "decode vs genai int4",
         "1k decode vs genai int4", "file MB", "MB vs genai int4", "peak_rss_mb", "ppl", "ppl PyTorch", "note"]
 
 
@@ -359,7 +374,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--context", type=int, default=1024)
-    ap.add_argument("--new-long", type=int, default=32)
+    ap.add_argument("--new-long", type=int, default=16)
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--nsamples", type=int, default=16)
