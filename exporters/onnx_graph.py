@@ -25,7 +25,7 @@ from flatllm_export.quantize.gptq import quantize_rtn
 from flatllm_export.quantize.qlinear import QuantLinear
 
 from .onnx_ops import (TMP_DOMAIN, FusedNorm, MatMulNBitsLinear, QuantEmbedding, RotaryCache, attention,
-                       concat_quantized, reshape_bt)
+                       concat_quantized, pad_last, reshape_bt)
 
 OPSET = 23
 HEAD_BITS = {"float": None, "int8": 8, "int4": 4}
@@ -109,7 +109,7 @@ class GraphLayer(nn.Module):
         q, k, v = self.qkv(h)
         q, k = self.rotary(q, position_ids, self.heads), self.rotary(k, position_ids, self.kv_heads)
         if self.pad:  # zero columns up to the key head dim: o_proj then reads the first v_dim of each head
-            v = reshape_bt(F.pad(reshape_bt(v, self.kv_heads, self.v_dim), (0, self.dim - self.v_dim)),
+            v = reshape_bt(pad_last(reshape_bt(v, self.kv_heads, self.v_dim), self.dim - self.v_dim),
                            self.kv_heads * self.dim)
         y, pk, pv = attention(q, k, v, mask, past_k, past_v, self.heads, self.kv_heads, self.dim**-0.5)
         if self.pad:

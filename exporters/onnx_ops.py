@@ -37,7 +37,7 @@ def _typed(g, y, like, last: int):
 
 
 class _Reshape(torch.autograd.Function):
-    """x (B, T, ...) -> (B, T, *tail) as one Reshape with a constant [0, 0, *tail]."""
+    """x (B, T, ...) -> (B, T, *tail) as one Reshape with a constant [0, 0, -1, *tail[1:]] (0 keeps a dim)."""
 
     @staticmethod
     def forward(ctx, x, tail):
@@ -45,11 +45,27 @@ class _Reshape(torch.autograd.Function):
 
     @staticmethod
     def symbolic(g, x, tail):
-        return g.op("Reshape", x, _const(g, [0, 0, *tail]))
+        return g.op("Reshape", x, _const(g, [0, 0, -1, *tail[1:]]))
 
 
 def reshape_bt(x: torch.Tensor, *tail: int) -> torch.Tensor:
     return _Reshape.apply(x, tuple(tail))
+
+
+class _PadLast(torch.autograd.Function):
+    """Zero columns appended to the last dim of a 4-D x: one Pad with constant pads."""
+
+    @staticmethod
+    def forward(ctx, x, n):
+        return F.pad(x, (0, n))
+
+    @staticmethod
+    def symbolic(g, x, n):
+        return g.op("Pad", x, _const(g, [0, 0, 0, 0, 0, 0, 0, n]))
+
+
+def pad_last(x: torch.Tensor, n: int) -> torch.Tensor:
+    return _PadLast.apply(x, n)
 
 
 class _MatMulNBits(torch.autograd.Function):
