@@ -37,4 +37,4 @@ def export(name: str, model, tokenizer, out: Path, ctx: ExportContext) -> dict:
     return EXPORTERS[name](model, tokenizer, Path(out), ctx)
 
 
-from . import gptq, hf, onnx  # noqa: E402,F401  (register themselves)
+from . import genai, gptq, hf, onnx  # noqa: E402,F401  (register themselves)
