@@ -129,8 +129,8 @@ def validate_outputs(folder: Path, recipe: Recipe, tokenizer, reference) -> dict
         others.append(torch_runtime("gptq", load_model(str(folder / "gptq")), "reloaded checkpoint"))
     if "onnxruntime" in val.runtimes:
         others.append(onnx_runtime(folder / "onnx"))
-    if "onnxruntime-genai" in val.runtimes:
-        others.append(genai_runtime(folder / "onnx"))
+    if "onnxruntime-genai" in val.runtimes:  # the genai target when there is one (padded value cache)
+        others.append(genai_runtime(folder / "genai" if (folder / "genai").is_dir() else folder / "onnx"))
     return parity(reference, others, windows, val, recipe.evaluation.batch_size)
 
 

@@ -172,16 +172,20 @@ class Recipe(Strict):
         if self.validation:
             if self.evaluation is None:
                 raise ValueError("validation needs an evaluation section (dataset, split, seqlen of the windows)")
-            need = {"onnxruntime": "onnx", "onnxruntime-genai": "onnx", "gptq": "gptq"}
+            need = {"onnxruntime": "onnx", "gptq": "gptq"}
             for rt in self.validation.runtimes:
                 if rt in need and need[rt] not in targets:
                     raise ValueError(f"validation.runtimes has '{rt}' but export.targets lacks '{need[rt]}'")
-            c = self.compression
-            if "onnxruntime-genai" in self.validation.runtimes and c is not None and c.method == "flatllm":
-                raise ValueError("validation.runtimes has 'onnxruntime-genai', but FLAT-LLM narrows each layer's "
-                                 "value heads and the onnx export keeps that narrower value cache, which "
-                                 "onnxruntime-genai cannot hold (it shapes the value cache like the key cache); "
-                                 "use runtime 'onnxruntime' for FLAT-LLM, or FLAP / SVD-LLM / no compression")
+            if "onnxruntime-genai" in self.validation.runtimes and "genai" not in targets:
+                c = self.compression
+                if "onnx" not in targets:
+                    raise ValueError("validation.runtimes has 'onnxruntime-genai' but export.targets has neither "
+                                     "'genai' nor 'onnx'")
+                if c is not None and c.method == "flatllm":
+                    raise ValueError("validation.runtimes has 'onnxruntime-genai', but FLAT-LLM narrows each "
+                                     "layer's value heads and the 'onnx' target keeps that narrower value cache, "
+                                     "which onnxruntime-genai cannot hold (it shapes the value cache like the key "
+                                     "cache): add export target 'genai' (value cache padded to the key dim)")
         return self
 
 

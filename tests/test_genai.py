@@ -48,10 +48,15 @@ def test_genai_fixed_length_generation_ignores_eos(flap_export):
     assert dec.generate(ids, 12, fixed_length=True).shape == (1, 16)
 
 
-def test_narrow_value_cache_is_refused_with_the_reason(tmp_path):
-    model = load_model("ref-llama")
-    compress_flatllm(model, windows("ref-llama", split="train"), 0.5, "uniform")
+def test_flatllm_runs_in_genai_from_the_padded_export_only(tmp_path):
+    model = load_model("ref-gqa")
+    compress_flatllm(model, windows("ref-gqa", split="train"), 0.5, "uniform")
     export("onnx", model, None, tmp_path / "onnx", ExportContext())
     with pytest.raises(ValueError, match="narrower than the key cache"):
         genai_runtime(tmp_path / "onnx")
     assert not (tmp_path / "onnx" / CONFIG_FILE).exists()
+    export("genai", model, load_tokenizer("ref-gqa"), tmp_path / "genai", ExportContext())
+    res = parity(torch_runtime("torch", model), [genai_runtime(tmp_path / "genai")],
+                 {"test": windows("ref-gqa", n=2)}, ValidationSection(generate_tokens=32), batch_size=2)
+    row = res["rows"][1]
+    assert row["ok"] and row["greedy_agree"] == "32/32" and row["ppl_rel_diff"] < 1e-5, row
