@@ -83,7 +83,8 @@ QUICK = {"dense fp32", "dense GPTQ int4", "FLAT-LLM 30% + int4", "genai builder 
 
 def graph_key() -> str:
     """Version of the exporter's graph code: exports are cached per version."""
-    files = sorted((ROOT / "exporters").glob("onnx*.py")) + [ROOT / "flatllm_export/quantize/matmulnbits.py"]
+    files = sorted((ROOT / "exporters").glob("onnx*.py")) + [ROOT / "exporters/genai.py",
+                                                            ROOT / "flatllm_export/quantize/matmulnbits.py"]
     return hashlib.sha1(b"".join(f.read_bytes() for f in files if f.exists())).hexdigest()[:10]
 
 
@@ -139,13 +140,17 @@ def build_variant(v: Variant, args, tok, calib, windows) -> dict:
     if key not in info:
         info[key] = ppl(load_model(str(folder / "model" if v.int4 else src)), windows, 4)
         info_path.write_text(json.dumps(info, indent=1) + "\n")
-    onnx_dir = CACHE / "exports" / f"{graph_key()}-a{args.accuracy_level}" / v.slug
-    if not (onnx_dir / "flatllm_onnx.json").exists():
-        model = load_model(str(folder / "model" if v.int4 else src))
-        if onnx_dir.exists():
-            shutil.rmtree(onnx_dir)
-        export("onnx", model, tok, onnx_dir, ExportContext(extra={"accuracy_level": args.accuracy_level}))
-    return {**info, "torch_ppl": info[key], "onnx": str(onnx_dir)}
+    # int4 rows as deployed: embedding and lm_head block-quantized too, int8 activations (as genai's builder)
+    extra = {"accuracy_level": args.accuracy_level, "embedding": args.head, "lm_head": args.head} if v.int4 else {}
+    base = CACHE / "exports" / f"{graph_key()}-a{args.accuracy_level}-{args.head}"
+    dirs = {"onnx": base / v.slug, "genai": base / f"{v.slug}-genai"}
+    for target, out in dirs.items():
+        if target == "genai" and not genai_blocker(load_meta(dirs["onnx"])):
+            dirs["genai"] = dirs["onnx"]  # onnxruntime-genai runs the onnx target as it is
+        elif not (out / "flatllm_onnx.json").exists():
+            shutil.rmtree(out, ignore_errors=True)
+            export(target, load_model(str(folder / "model" if v.int4 else src)), tok, out, ExportContext(extra=extra))
+    return {**info, "torch_ppl": info[key], "onnx": str(dirs["onnx"]), "genai": str(dirs["genai"])}
 
 
 def builder_python() -> Path:
@@ -180,14 +185,12 @@ def builds(args, tok, calib, windows) -> list[dict]:
         if (args.quick and v.label not in QUICK) or (args.only and v.slug not in args.only):
             continue
         info = build_variant(v, args, tok, calib, windows)
-        blocker = genai_blocker(load_meta(info["onnx"]))
-        for rt in ("onnxruntime", "onnxruntime-genai"):
-            row = {"export": v.label, "runtime": rt, "path": info["onnx"], "ppl PyTorch": info["torch_ppl"],
+        for rt, target in (("onnxruntime", "onnx"), ("onnxruntime-genai", "genai")):
+            row = {"export": v.label, "runtime": rt, "path": info[target], "ppl PyTorch": info["torch_ppl"],
                    "achieved ratio": info["achieved_ratio"]}
-            if rt == "onnxruntime-genai" and blocker:
-                row["note"] = "cannot run: value cache narrower than key cache"
-            elif rt == "onnxruntime-genai":  # the same graph as the row before: its perplexity is that row's
-                row.update(skip_ppl=True, note="ppl: same graph as our runtime's row")
+            if rt == "onnxruntime-genai":  # the same graph as the row before (value cache padded for FLAT-LLM)
+                row.update(skip_ppl=True, note="ppl: same graph as our runtime's row" + (
+                    "" if info["genai"] == info["onnx"] else ", genai target (value cache padded)"))
             rows.append(row)
     return rows
 
@@ -282,7 +285,7 @@ def report(rows: list[dict], args, scaled_md: str) -> None:
           f"{args.windows} windows of {args.seqlen} tokens of the test plays, computed by the row's runtime; "
           f"'ppl PyTorch' is the in-memory model on the same windows. Our int4 = GPTQ (sym, group {GROUP}, "
           f"calibration {args.nsamples} x {args.calib_seqlen} train-play tokens) as MatMulNBits, accuracy_level "
-          f"{args.accuracy_level}; genai builder int4 = its RTN MatMulNBits (block 32, accuracy_level 4). "
+          f"{args.accuracy_level}, embedding and lm_head {args.head} (RTN, block 32, tied: written once); genai builder int4 = its RTN MatMulNBits (block 32, accuracy_level 4). "
           f"Ratios are against '{REFERENCE}' run by onnxruntime-genai. Exporter graph version "
           f"{graph_key()}.\n\n" + table(rows, COLS))
     DOCS.mkdir(exist_ok=True)
@@ -380,6 +383,8 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=16)
     ap.add_argument("--calib-seqlen", type=int, default=256)
     ap.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4])
+    ap.add_argument("--head", default="int4", choices=["float", "int8", "int4"],
+                    help="embedding and lm_head of the int4 exports (RTN, block 32)")
     args = ap.parse_args()
     if args.quick:
         args.new, args.new_long, args.windows = 32, 8, 2
