@@ -17,7 +17,8 @@ EXPORTERS: dict[str, Callable] = {}  # filled as target modules are imported (ea
 # target -> (module, the packages it imports, the extra that installs them): a target is imported only when used,
 # so a missing optional extra affects only its own targets
 TARGETS = {"hf": ("hf", (), None), "gptq": ("gptq", (), None),
-           "onnx": ("onnx", ("onnx", "onnxruntime"), "onnx")}
+           "onnx": ("onnx", ("onnx", "onnxruntime"), "onnx"),
+           "genai": ("genai", ("onnx", "onnxruntime", "onnxruntime_genai"), "onnx,genai")}
 
 
 @dataclass

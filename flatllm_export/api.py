@@ -16,7 +16,7 @@ from .modeling import load_model, load_tokenizer
 from .recipe import Recipe, RecipeError, dump_recipe
 from .stages import OutputDir, StageLog
 from .parity import DEFAULT_K
-from .validate import onnx_runtime, parity, torch_runtime
+from .validate import genai_runtime, onnx_runtime, parity, torch_runtime
 
 
 def evaluation_windows(recipe: Recipe, tokenizer) -> torch.Tensor:
@@ -137,6 +137,8 @@ def validate_outputs(folder: Path, recipe: Recipe, tokenizer, model, note: str) 
         others.append(torch_runtime("gptq", load_model(str(folder / "gptq")), "reloaded checkpoint"))
     if "onnxruntime" in val.runtimes:
         others.append(onnx_runtime(folder / "onnx"))
+    if "onnxruntime-genai" in val.runtimes:  # the genai target when there is one (padded value cache)
+        others.append(genai_runtime(folder / "genai" if (folder / "genai").is_dir() else folder / "onnx"))
     return parity(model, others, windows, val, recipe.evaluation.batch_size, note)
 
 

@@ -1,4 +1,4 @@
-"""Text generation from an exported model: onnxruntime (per-layer KV buffers) or PyTorch."""
+"""Text generation from an exported model: onnxruntime (per-layer KV buffers), onnxruntime-genai or PyTorch."""
 
 from __future__ import annotations
 
@@ -13,12 +13,13 @@ from .runtime.ort import META_FILE, OrtDecoder, pick_next
 
 def resolve(folder: str | Path, runtime: str) -> tuple[str, Path]:
     folder = Path(folder)
+    onnx_kind = "onnxruntime-genai" if runtime == "onnxruntime-genai" else "onnxruntime"
     if (folder / META_FILE).exists():
-        return "onnxruntime", folder
+        return onnx_kind, folder
     if (folder / "config.json").exists():
         return "torch", folder
-    if runtime in ("auto", "onnxruntime") and (folder / "onnx" / META_FILE).exists():
-        return "onnxruntime", folder / "onnx"
+    if runtime in ("auto", "onnxruntime", "onnxruntime-genai") and (folder / "onnx" / META_FILE).exists():
+        return onnx_kind, folder / "onnx"
     for sub in ("gptq", "hf"):
         if runtime in ("auto", "torch") and (folder / sub / "config.json").exists():
             return "torch", folder / sub
@@ -32,6 +33,12 @@ def generate_text(folder, prompt: str, runtime: str = "auto", max_new_tokens: in
     ids = np.array([tok(prompt)["input_ids"]], dtype=np.int64)
     if kind == "onnxruntime":
         out = OrtDecoder(path).generate(ids, max_new_tokens, sample, temperature, top_k, seed, tok.eos_token_id)
+    elif kind == "onnxruntime-genai":
+        from .runtime.genai import GenaiDecoder
+
+        search = dict(do_sample=True, temperature=temperature, top_k=top_k, random_seed=seed) if sample else {}
+        out = GenaiDecoder(path).generate(ids, max_new_tokens, **search)
+        out = out[:, : (out[0] >= 0).sum()]  # drop the padding after an early EOS
     else:
         model = load_model(str(path))
         rng = np.random.default_rng(seed)

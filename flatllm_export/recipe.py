@@ -145,7 +145,7 @@ REMOVED_VALIDATION_KEYS = ("max_ppl_rel_diff", "max_ppl_rel_diff_lowp", "max_log
 
 
 class ValidationSection(Strict):
-    runtimes: list[Literal["torch", "onnxruntime", "gptq"]] = Field(default_factory=lambda: ["torch", "onnxruntime"])
+    runtimes: list[Literal["torch", "onnxruntime", "onnxruntime-genai", "gptq"]] = Field(default_factory=lambda: ["torch", "onnxruntime"])
     datasets: list[str] = Field(default_factory=list, description="evaluation datasets (default: evaluation's)")
     noise_k: float = Field(DEFAULT_K, ge=1.0, le=1e6, description="a runtime passes when its deviation from the "
                            "float64 reference is at most noise_k x PyTorch's own (the noise floor); export "
@@ -223,6 +223,16 @@ class Recipe(Strict):
             for rt in self.validation.runtimes:
                 if rt in need and need[rt] not in targets:
                     raise ValueError(f"validation.runtimes has '{rt}' but export.targets lacks '{need[rt]}'")
+            if "onnxruntime-genai" in self.validation.runtimes and "genai" not in targets:
+                c = self.compression
+                if "onnx" not in targets:
+                    raise ValueError("validation.runtimes has 'onnxruntime-genai' but export.targets has neither "
+                                     "'genai' nor 'onnx'")
+                if c is not None and c.method == "flatllm":
+                    raise ValueError("validation.runtimes has 'onnxruntime-genai', but FLAT-LLM narrows each "
+                                     "layer's value heads and the 'onnx' target keeps that narrower value cache, "
+                                     "which onnxruntime-genai cannot hold (it shapes the value cache like the key "
+                                     "cache): add export target 'genai' (value cache padded to the key dim)")
         return self
 
 

@@ -51,15 +51,33 @@ def torch_runtime(name: str, model, note: str = "") -> Runtime:
     return Runtime(name, torch_logits_fn(model), lambda ids, n: greedy_torch(model, ids, n), kind, note)
 
 
+def _onnx_traits(meta: dict) -> tuple[str, str]:
+    """(floor kind, note) of an ONNX export from its metadata."""
+    level = meta.get("accuracy_level") if meta["int4"] else None
+    note = ("int4 MatMulNBits" + (f" accuracy_level {level}" if level else "") if meta["int4"] else "") \
+        + f" {meta['dtype']}"
+    return onnx_floor_kind(meta["dtype"], meta["int4"], level), note.strip()
+
+
 def onnx_runtime(folder: Path) -> Runtime:
     from .runtime.ort import OrtDecoder
 
     dec = OrtDecoder(folder)
-    level = dec.meta.get("accuracy_level") if dec.meta["int4"] else None
-    note = ("int4 MatMulNBits" + (f" accuracy_level {level}" if level else "") if dec.meta["int4"] else "") \
-        + f" {dec.meta['dtype']}"
-    return Runtime("onnxruntime", dec.logits_fn(), lambda ids, n: dec.generate(ids.numpy(), n),
-                   onnx_floor_kind(dec.meta["dtype"], dec.meta["int4"], level), note.strip())
+    kind, note = _onnx_traits(dec.meta)
+    return Runtime("onnxruntime", dec.logits_fn(), lambda ids, n: dec.generate(ids.numpy(), n), kind, note)
+
+
+def genai_runtime(folder: Path) -> Runtime:
+    """The same export run by onnxruntime-genai (its own generation loop and KV cache)."""
+    from .runtime.genai import GenaiDecoder, genai_blocker, load_meta
+
+    meta = load_meta(folder)
+    reason = genai_blocker(meta)
+    if reason:
+        raise ValueError(f"validation runtime 'onnxruntime-genai' cannot run {folder}: {reason}")
+    dec = GenaiDecoder(folder)
+    kind, note = _onnx_traits(meta)
+    return Runtime("onnxruntime-genai", dec.logits_fn(), lambda ids, n: dec.generate(ids.numpy(), n), kind, note)
 
 
 class _Clock:

@@ -68,7 +68,7 @@ def test_int4_matmulnbits_parity_with_the_gptq_model(tmp_path, name):
     assert rep["int4"]
     graph = onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph
     n_nbits = sum(n.op_type == "MatMulNBits" for n in graph.node)
-    assert n_nbits == 7 * model.config.num_hidden_layers
+    assert n_nbits == 4 * model.config.num_hidden_layers  # fused q/k/v and gate/up, o_proj, down_proj
     res = parity(model, [onnx_runtime(tmp_path / "onnx")], {"test": windows(name)}, SETTINGS)
     check(res)
 
@@ -105,3 +105,57 @@ def test_full_recipe_generate_and_validate_commands(tmp_path):
     assert gen_onnx.stdout == gen_torch.stdout  # greedy: same text from onnxruntime and the GPTQ checkpoint
     val = cli("validate", str(out))
     assert val.returncode == 0 and "PASS" in val.stdout and (out / "validation.json").exists()
+
+
+def test_runtime_keeps_the_cache_in_onnxruntime_and_checks_metadata(tmp_path):
+    import numpy as np
+    import onnxruntime as ort
+
+    from flatllm_export.runtime.ort import OrtDecoder
+
+    model = load_model("ref-gqa")
+    compress_flatllm(model, windows("ref-gqa", split="train"), 0.3, "iprs")
+    export("onnx", model, None, tmp_path / "onnx", ExportContext())
+    dec = OrtDecoder(tmp_path / "onnx")
+    ids = windows("ref-gqa", n=1)[:, :20].numpy()
+    prefill = dec.logits_buffer(1, 19)
+    past = dec.run(ids[:, :19], dec.empty_past(1), prefill)
+    assert all(isinstance(p, ort.OrtValue) for p in past)
+    assert [tuple(p.shape()) for p in past] == dec.cache_shapes(1, 19)
+    step = dec.logits_buffer(1, 1)
+    dec.run(ids[:, 19:], past, step)  # the presents fed back as they are
+    numpy_past = dec.forward(ids[:, :19])[1]
+    want = dec.forward(ids[:, 19:], numpy_past)[0]
+    with torch.no_grad():
+        full = model(torch.from_numpy(ids)).logits.numpy()
+    assert np.abs(step - want).max() == 0 and np.abs(step[0, 0] - full[0, -1]).max() < 1e-4
+    assert np.abs(prefill - full[:, :19]).max() < 1e-4
+    meta_path = tmp_path / "onnx" / "flatllm_onnx.json"
+    meta = json.loads(meta_path.read_text())
+    meta["layers"][0]["num_kv_heads"] += 1  # the graph declares the real count
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="metadata and graph disagree"):
+        OrtDecoder(tmp_path / "onnx")
+
+
+def test_num_logits_to_keep_rewrite_gives_the_last_logits_only(tmp_path):
+    import shutil
+
+    import numpy as np
+
+    from exporters.onnx_logits import add_logits_to_keep_file
+    from flatllm_export.runtime.ort import OrtDecoder
+
+    model = load_model("ref-llama")
+    export("onnx", model, None, tmp_path / "full", ExportContext())
+    shutil.copytree(tmp_path / "full", tmp_path / "keep")
+    add_logits_to_keep_file(tmp_path / "keep" / "model.onnx")
+    full, keep = OrtDecoder(tmp_path / "full"), OrtDecoder(tmp_path / "keep")
+    assert keep.takes_keep and not full.takes_keep
+    ids = windows("ref-llama", n=2)[:, :30].numpy()
+    want = full.forward(ids)[0]
+    assert np.abs(keep.forward(ids)[0] - want).max() == 0  # 0 = every position
+    last = keep.logits_buffer(2, 30, last_only=True)
+    keep.run(ids, keep.empty_past(2), last, last_only=True)
+    assert last.shape == (2, 1, 4096) and np.abs(last[:, 0] - want[:, -1]).max() == 0
+    assert (keep.generate(ids, 16) == full.generate(ids, 16)).all()

@@ -117,3 +117,14 @@ def test_cli_check_reports_key_path_and_exit_code(tmp_path):
     p.write_text(yaml.safe_dump({**GOOD, "compression": {"ratio": 3}}))
     res = subprocess.run([sys.executable, "-m", "flatllm_export.cli", "check", str(p)], capture_output=True, text=True)
     assert res.returncode == 2 and "compression.ratio" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_onnxruntime_genai_runtime_needs_an_export_it_can_hold():
+    val = {"runtimes": ["torch", "onnxruntime-genai"]}
+    bad({**GOOD, "validation": val}, "onnxruntime-genai", "neither 'genai' nor 'onnx'")
+    bad({**GOOD, "compression": {"method": "flatllm"}, "export": {"targets": ["onnx"]}, "validation": val},
+        "onnxruntime-genai", "value cache", "add export target 'genai'")
+    for method, targets in (("flap", ["onnx"]), ("flatllm", ["genai"])):
+        ok = parse_recipe({**GOOD, "compression": {"method": method}, "export": {"targets": targets},
+                           "validation": val})
+        assert ok.validation.runtimes == ["torch", "onnxruntime-genai"]

@@ -119,3 +119,22 @@ def quantize_weight(w: torch.Tensor, h: torch.Tensor, bits: int = 4, group_size:
     qw = QuantizedWeight(codes=codes[:, inv], scales=scales.half(), zeros=zeros.to(torch.int32), g_idx=g_idx,
                          bits=bits, group_size=group_size)
     return qw, {"damp_percent": damp, "retries": retries, "loss": float(losses.sum())}
+
+
+def quantize_rtn(w: torch.Tensor, bits: int, group_size: int, sym: bool = True) -> QuantizedWeight:
+    """Round-to-nearest on the same grid as GPTQ (float16 scales), group by group: for weights quantized without
+    calibration data (an embedding table, an lm_head when the recipe does not GPTQ it)."""
+    w = w.detach().to(torch.float32)
+    out_f, in_f = w.shape
+    gs = in_f if group_size == -1 else group_size
+    maxq = 2**bits - 1
+    n_groups = math.ceil(in_f / gs)
+    scales, zeros = torch.zeros(n_groups, out_f), torch.zeros(n_groups, out_f)
+    codes = torch.zeros(out_f, in_f, dtype=torch.int32)
+    for g in range(n_groups):
+        cols = slice(g * gs, min((g + 1) * gs, in_f))
+        scale, zero = grid(w[:, cols], bits, sym)
+        scales[g], zeros[g] = scale, zero
+        codes[:, cols] = torch.clamp(torch.round(w[:, cols] / scale[:, None]) + zero[:, None], 0, maxq).to(torch.int32)
+    return QuantizedWeight(codes=codes, scales=scales.half(), zeros=zeros.to(torch.int32),
+                           g_idx=(torch.arange(in_f) // gs).to(torch.int32), bits=bits, group_size=group_size)

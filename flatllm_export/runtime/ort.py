@@ -1,5 +1,12 @@
-"""An onnxruntime decoder session: per-layer past buffers allocated from flatllm_onnx.json, prefill and decode,
-greedy and sampled generation, and a logits function for perplexity on the same windows as PyTorch."""
+"""An onnxruntime decoder session: per-layer KV caches shaped from flatllm_onnx.json, prefill and decode, greedy
+and sampled generation, and a logits function for perplexity on the same windows as PyTorch.
+
+Nothing is copied between steps: every call goes through an IO binding, the presents stay in onnxruntime's own
+memory (``bind_output`` to the CPU device) and are bound back as the next step's past (``bind_ortvalue_input``),
+and the logits are written by onnxruntime straight into a numpy buffer the caller owns (``buffer_ptr``), so a
+decode step reads one row of vocab logits and nothing else. Graphs that concatenate past and new keys still
+copy the cache inside the graph (present = concat(past, new)): that cost belongs to the graph, not to this loop.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +17,8 @@ import numpy as np
 import torch
 
 META_FILE = "flatllm_onnx.json"
+KEEP_INPUT = "num_logits_to_keep"  # optional graph input (exporters/onnx_logits.py): logits of the last N only
+_NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
 class OrtDecoder:
@@ -24,58 +33,135 @@ class OrtDecoder:
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
         self.session = ort.InferenceSession(str(self.folder / self.meta["filename"]), opts,
                                             providers=providers or ["CPUExecutionProvider"])
         self.np_dtype = np.float16 if self.meta["dtype"] == "float16" else np.float32
         self.layers = self.meta["layers"]
+        graph_inputs = {i.name: i for i in self.session.get_inputs()}
+        self.past_names = [n for n in self.meta["inputs"] if n.startswith("past_key_values.")]
+        self.present_names = [n for n in self.meta["outputs"] if n.startswith("present.")]
+        self.logits_name = self.meta["outputs"][0]
+        self.takes_mask = "attention_mask" in graph_inputs
+        self.takes_positions = "position_ids" in graph_inputs
+        self.takes_keep = KEEP_INPUT in graph_inputs  # graphs that can skip the lm_head of earlier positions
+        logits_type = next(o.type for o in self.session.get_outputs() if o.name == self.logits_name)
+        self.logits_dtype = _NP_TYPES.get(logits_type, np.float32)
+        self.vocab_size = int(self.meta["vocab_size"])
+        self._check_cache_shapes(graph_inputs)
 
-    def empty_past(self, batch: int) -> list[np.ndarray]:
-        past = []
+    def _check_cache_shapes(self, graph_inputs: dict) -> None:
+        """The metadata's per-layer cache dims must be the graph's where the graph states them."""
+        for name, shape in zip(self.past_names, self.cache_shapes(1, 0)):
+            declared = graph_inputs[name].shape
+            for axis in (1, 3):
+                if isinstance(declared[axis], int) and declared[axis] != shape[axis]:
+                    raise ValueError(f"{self.folder}: {META_FILE} gives {name} dim {axis} = {shape[axis]}, "
+                                     f"the graph declares {declared[axis]}: metadata and graph disagree")
+
+    def cache_shapes(self, batch: int, length: int) -> list[tuple[int, int, int, int]]:
+        """[batch, kv_heads, length, dim] of every past input, in input order (key, value per layer)."""
+        shapes = []
         for layer in self.layers:
             h = layer["num_kv_heads"]
-            past += [np.zeros((batch, h, 0, layer["key_dim"]), self.np_dtype),
-                     np.zeros((batch, h, 0, layer["value_dim"]), self.np_dtype)]
-        return past
+            shapes += [(batch, h, length, layer["key_dim"]), (batch, h, length, layer["value_dim"])]
+        return shapes
 
-    def forward(self, input_ids: np.ndarray, past: list[np.ndarray] | None = None,
+    def empty_past(self, batch: int) -> list[np.ndarray]:
+        return [np.zeros(s, self.np_dtype) for s in self.cache_shapes(batch, 0)]
+
+    def run(self, input_ids: np.ndarray, past: list, logits_out: np.ndarray,
+            attention_mask: np.ndarray | None = None, position_ids: np.ndarray | None = None,
+            last_only: bool = False) -> list:
+        """One step through an IO binding. ``past``: per-layer OrtValues (a previous run's presents) or arrays;
+        ``logits_out``: the buffer onnxruntime writes the logits into, (B, T, V), or (B, 1, V) with
+        ``last_only`` when the graph takes num_logits_to_keep (see ``logits_buffer``). Returns the presents as
+        OrtValues that stay in onnxruntime memory."""
+        batch, seq = input_ids.shape
+        past_len = _length(past[0])
+        io = self.session.io_binding()
+        alive = [np.ascontiguousarray(input_ids, dtype=np.int64)]  # bound by pointer: kept until run returns
+        io.bind_cpu_input("input_ids", alive[0])
+        if self.takes_mask:
+            mask = np.ones((batch, past_len + seq), np.int64) if attention_mask is None else attention_mask
+            alive.append(np.ascontiguousarray(mask, dtype=np.int64))
+            io.bind_cpu_input("attention_mask", alive[-1])
+        if self.takes_positions:
+            pos = (np.broadcast_to(np.arange(past_len, past_len + seq, dtype=np.int64), (batch, seq))
+                   if position_ids is None else position_ids)
+            alive.append(np.ascontiguousarray(pos, dtype=np.int64))
+            io.bind_cpu_input("position_ids", alive[-1])
+        for name, value in zip(self.past_names, past):
+            if isinstance(value, np.ndarray):
+                alive.append(np.ascontiguousarray(value, dtype=self.np_dtype))
+                io.bind_cpu_input(name, alive[-1])
+            else:
+                io.bind_ortvalue_input(name, value)
+        rows = 1 if last_only and self.takes_keep else seq
+        if self.takes_keep:
+            alive.append(np.array(rows if last_only else 0, np.int64))
+            io.bind_cpu_input(KEEP_INPUT, alive[-1])
+        if logits_out.shape != (batch, rows, self.vocab_size) or logits_out.dtype != self.logits_dtype \
+                or not logits_out.flags.c_contiguous:
+            raise ValueError(f"logits buffer {logits_out.shape} {logits_out.dtype} does not fit "
+                             f"({batch}, {rows}, {self.vocab_size}) {np.dtype(self.logits_dtype)}")
+        io.bind_output(self.logits_name, "cpu", 0, self.logits_dtype, list(logits_out.shape),
+                       logits_out.ctypes.data)
+        for name in self.present_names:
+            io.bind_output(name, "cpu")  # onnxruntime allocates; the values come back as OrtValues
+        self.session.run_with_iobinding(io)
+        return io.get_outputs()[1:]
+
+    def logits_buffer(self, batch: int, seq: int, last_only: bool = False) -> np.ndarray:
+        return np.empty((batch, 1 if last_only and self.takes_keep else seq, self.vocab_size), self.logits_dtype)
+
+    def forward(self, input_ids: np.ndarray, past: list | None = None,
                 attention_mask: np.ndarray | None = None, position_ids: np.ndarray | None = None
                 ) -> tuple[np.ndarray, list[np.ndarray]]:
-        """One call: input_ids (B, T) after ``past`` (per-layer arrays, or None) -> logits (B, T, V), presents."""
+        """One call: input_ids (B, T) after ``past`` (per-layer arrays or OrtValues, or None) -> logits (B, T, V)
+        and the presents as numpy arrays (for callers that inspect them; generate() keeps OrtValues)."""
         input_ids = np.asarray(input_ids, dtype=np.int64)
         batch, seq = input_ids.shape
-        past = self.empty_past(batch) if past is None else past
-        past_len = past[0].shape[2]
-        if attention_mask is None:
-            attention_mask = np.ones((batch, past_len + seq), dtype=np.int64)
-        if position_ids is None:
-            position_ids = np.broadcast_to(np.arange(past_len, past_len + seq, dtype=np.int64), (batch, seq))
-        feed = {"input_ids": input_ids, "attention_mask": attention_mask.astype(np.int64),
-                "position_ids": np.ascontiguousarray(position_ids, dtype=np.int64)}
-        feed.update(zip(self.meta["inputs"][3:], past))
-        outs = self.session.run(None, feed)
-        return outs[0], outs[1:]
+        logits = self.logits_buffer(batch, seq)
+        presents = self.run(input_ids, self.empty_past(batch) if past is None else past, logits,
+                            attention_mask, position_ids)
+        return logits, [p.numpy() for p in presents]
 
     def logits_fn(self):
+        """For perplexity: full-window logits, presents left in onnxruntime memory and dropped."""
         def logits(batch: torch.Tensor) -> torch.Tensor:
-            return torch.from_numpy(self.forward(batch.numpy())[0].astype(np.float32))
+            ids = batch.numpy()
+            out = self.logits_buffer(*ids.shape)
+            self.run(ids, self.empty_past(ids.shape[0]), out)
+            return torch.from_numpy(out.astype(np.float32, copy=False))
 
         return logits
 
     def generate(self, input_ids: np.ndarray, max_new_tokens: int, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int = 0, seed: int = 0, eos_token_id: int | None = None
                  ) -> np.ndarray:
-        """Prefill the prompt, then decode one token at a time with the per-layer cache."""
+        """Prefill the prompt, then decode one token at a time; the cache never leaves onnxruntime."""
         rng = np.random.default_rng(seed)
         ids = np.asarray(input_ids, dtype=np.int64)
-        logits, past = self.forward(ids)
+        batch = ids.shape[0]
+        prefill = self.logits_buffer(batch, ids.shape[1], last_only=True)
+        past = self.run(ids, self.empty_past(batch), prefill, last_only=True)
+        last, step = prefill[:, -1], self.logits_buffer(batch, 1)
         out = [ids]
         for _ in range(max_new_tokens):
-            nxt = pick_next(logits[:, -1].astype(np.float64), do_sample, temperature, top_k, rng)
+            nxt = pick_next(last.astype(np.float64), do_sample, temperature, top_k, rng)
             out.append(nxt[:, None])
             if eos_token_id is not None and (nxt == eos_token_id).all():
                 break
-            logits, past = self.forward(nxt[:, None], past)
+            past = self.run(nxt[:, None], past, step)
+            last = step[:, -1]
         return np.concatenate(out, axis=1)
+
+
+def _length(value) -> int:
+    """Sequence length (dim 2) of a cache tensor: a numpy array or an OrtValue."""
+    shape = value.shape if isinstance(value, np.ndarray) else value.shape()
+    return int(shape[2])
 
 
 def pick_next(logits: np.ndarray, do_sample: bool, temperature: float, top_k: int, rng) -> np.ndarray:
