@@ -74,8 +74,9 @@ def layer0_inputs(model, windows: torch.Tensor, batch_size: int) -> tuple[torch.
 
 
 def run_sequential(model, windows: torch.Tensor, method: LayerMethod, device: str = "cpu", batch_size: int = 8,
-                   desc: str = "calibrate") -> None:
-    """Process every decoder layer of ``model`` in order with ``method`` (see module docstring)."""
+                   desc: str = "calibrate") -> torch.Tensor:
+    """Process every decoder layer of ``model`` in order with ``method`` (see module docstring). Returns the last
+    layer's outputs (the final norm's inputs), on the host."""
     device = torch.device(device)
     inputs, cos, sin = layer0_inputs(model, windows, batch_size)
     layers = model.model.layers
@@ -91,3 +92,4 @@ def run_sequential(model, windows: torch.Tensor, method: LayerMethod, device: st
         layer.to(home)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    return inputs

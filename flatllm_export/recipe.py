@@ -117,6 +117,14 @@ class ExportSection(Strict):
     targets: list[str] = Field(default_factory=lambda: ["hf"])
     dtype: Literal["float32", "float16"] = "float32"
     accuracy_level: Literal[0, 1, 2, 3, 4] = Field(0, description="MatMulNBits accuracy_level for int4 ONNX")
+    embedding: Literal["auto", "float", "int8", "int4"] = Field(
+        "auto", description="ONNX embedding table: float, or block-quantized (GatherBlockQuantized); auto: int4/int8 "
+                            "as the quantization section's bits (int8 for other bits), float without quantization")
+    lm_head: Literal["auto", "float", "int8", "int4"] = Field(
+        "auto", description="lm_head: float or block-quantized (MatMulNBits in ONNX); GPTQ-calibrated when the recipe "
+                            "has a quantization section, else round-to-nearest at export; auto as for embedding")
+    pad_value_cache: bool = Field(False, description="ONNX value cache padded to the key head dim (what "
+                                                     "onnxruntime-genai allocates); the genai target always pads")
 
     @field_validator("targets")
     @classmethod
@@ -160,8 +168,9 @@ class Recipe(Strict):
         if "gptq" in targets and self.quantization is None:
             raise ValueError("export.targets has 'gptq' but there is no quantization section to produce it")
         q = self.quantization
-        if "onnx" in targets and q is not None and (q.bits not in (2, 4, 8) or q.desc_act):
-            raise ValueError("export target 'onnx' turns GPTQ weights into MatMulNBits, which needs "
+        onnx_targets = [t for t in ("onnx", "genai") if t in targets]
+        if onnx_targets and q is not None and (q.bits not in (2, 4, 8) or q.desc_act):
+            raise ValueError(f"export target {onnx_targets[0]!r} turns GPTQ weights into MatMulNBits, which needs "
                              "quantization.bits in [2, 4, 8] and quantization.desc_act: false "
                              f"(got bits={q.bits}, desc_act={q.desc_act})")
         if self.validation:
@@ -171,7 +180,18 @@ class Recipe(Strict):
             for rt in self.validation.runtimes:
                 if rt in need and need[rt] not in targets:
                     raise ValueError(f"validation.runtimes has '{rt}' but export.targets lacks '{need[rt]}'")
+        if self.export and self.export.pad_value_cache and not onnx_targets:
+            raise ValueError("export.pad_value_cache pads the ONNX value cache, but export.targets has no 'onnx'")
         return self
+
+    def head_format(self, which: str) -> str:
+        """export.embedding / export.lm_head resolved: float, int8 or int4."""
+        value = getattr(self.export, which) if self.export else "auto"
+        if value != "auto":
+            return value
+        if self.quantization is None:
+            return "float"
+        return {4: "int4", 8: "int8"}.get(self.quantization.bits, "int8")
 
 
 def _format_errors(exc: ValidationError, source: str) -> str:

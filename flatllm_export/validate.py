@@ -40,7 +40,8 @@ def onnx_runtime(folder: Path) -> Runtime:
     from .runtime.ort import OrtDecoder
 
     dec = OrtDecoder(folder)
-    approx = dec.meta["dtype"] != "float32" or (dec.meta["int4"] and dec.meta.get("accuracy_level"))
+    approx = dec.meta["dtype"] != "float32" or (dec.meta["int4"] and dec.meta.get("accuracy_level")) \
+        or dec.meta.get("approximate_head", False)  # embedding / lm_head rounded at export
     note = ("int4 MatMulNBits" if dec.meta["int4"] else "") + (f" {dec.meta['dtype']}")
     return Runtime("onnxruntime", dec.logits_fn(), lambda ids, n: dec.generate(ids.numpy(), n), bool(approx),
                    note.strip())
