@@ -56,7 +56,7 @@ def fused_linear(mods: list[nn.Module], o: GraphOptions) -> nn.Module | None:
     def bias(m):
         return m.bias.detach() if m.bias is not None else torch.zeros(m.out_features)
 
-    has_bias = any(m.bias is not None for m in mods)
+    has_bias = any(getattr(m, "bias", None) is not None for m in mods)
     if all(type(m) is nn.Linear for m in mods):
         lin = nn.Linear(mods[0].in_features, sum(m.out_features for m in mods), bias=has_bias)
         lin.weight.data = torch.cat([m.weight.detach() for m in mods])

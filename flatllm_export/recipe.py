@@ -118,11 +118,11 @@ class ExportSection(Strict):
     dtype: Literal["float32", "float16"] = "float32"
     accuracy_level: Literal[0, 1, 2, 3, 4] = Field(0, description="MatMulNBits accuracy_level for int4 ONNX")
     embedding: Literal["auto", "float", "int8", "int4"] = Field(
-        "auto", description="ONNX embedding table: float, or block-quantized (GatherBlockQuantized); auto: int4/int8 "
-                            "as the quantization section's bits (int8 for other bits), float without quantization")
+        "auto", description="ONNX embedding table: float, or block-quantized (GatherBlockQuantized, symmetric RTN; "
+                            "a tied table is read from the lm_head's data); auto: float for now")
     lm_head: Literal["auto", "float", "int8", "int4"] = Field(
         "auto", description="lm_head: float or block-quantized (MatMulNBits in ONNX); GPTQ-calibrated when the recipe "
-                            "has a quantization section, else round-to-nearest at export; auto as for embedding")
+                            "has a quantization section of the same bits, else round-to-nearest at export; auto: float")
     pad_value_cache: bool = Field(False, description="ONNX value cache padded to the key head dim (what "
                                                      "onnxruntime-genai allocates); the genai target always pads")
 
@@ -187,11 +187,7 @@ class Recipe(Strict):
     def head_format(self, which: str) -> str:
         """export.embedding / export.lm_head resolved: float, int8 or int4."""
         value = getattr(self.export, which) if self.export else "auto"
-        if value != "auto":
-            return value
-        if self.quantization is None:
-            return "float"
-        return {4: "int4", 8: "int8"}.get(self.quantization.bits, "int8")
+        return "float" if value == "auto" else value  # auto stays float until the quantized head is the default
 
 
 def _format_errors(exc: ValidationError, source: str) -> str:

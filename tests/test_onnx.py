@@ -129,10 +129,13 @@ def test_lean_graph_has_fused_ops_and_no_per_layer_shape_arithmetic(tmp_path):
 
 
 @pytest.mark.parametrize("method,qk", [("flap", False), ("svd-llm", False), ("flatllm", True)])
-def test_per_layer_shapes_of_every_method_match_pytorch(tmp_path, method, qk):
-    model = load_model("ref-gqa")
+def test_per_layer_shapes_of_every_method_match_pytorch(tmp_path, tiny_model_dir, method, qk):
+    # SVD-LLM's whitened SVDs are slow on ref-gqa under a shared CPU: its factors are checked on the tiny model
+    model = load_model(str(tiny_model_dir) if method == "svd-llm" else "ref-gqa")
     compress(model, windows("ref-gqa", split="train")[:8], CompressionSection(method=method, ratio=0.3, qk=qk))
     export("onnx", model, None, tmp_path / "onnx", ExportContext())
+    if method == "svd-llm":
+        assert any(s["lowrank"] for s in model.config.layer_shapes)
     res = parity(torch_runtime("torch", model), [onnx_runtime(tmp_path / "onnx")], {"test": windows("ref-gqa", n=4)},
                  SETTINGS)
     check(res["rows"])
