@@ -188,3 +188,16 @@ def test_flatllm_int4_with_padded_value_cache_generates_in_onnxruntime_genai(tmp
     want = greedy_torch(model, prompt, 24)
     got = genai_greedy(tmp_path / "genai", prompt.numpy(), 24)
     assert (got == want).all(), (got, want)
+
+
+def test_gptq_lm_head_is_calibrated_reloads_and_exports_exactly(tmp_path):
+    model = load_model("ref-gqa")
+    calib = windows("ref-gqa", split="train")[:4]
+    rep = quantize_model(model, calib, QuantizationSection(bits=4, group_size=32), lm_head_bits=4)
+    assert rep["layers"]["lm_head"]["bits"] == 4 and model.config.quantization_config["lm_head"]
+    export("gptq", model, None, tmp_path / "gptq", ExportContext())
+    ids = windows("ref-gqa", n=1)[:1, :32]
+    with torch.no_grad():
+        assert torch.equal(load_model(str(tmp_path / "gptq"))(ids).logits, model(ids).logits)
+    onnx_rep = export("onnx", model, None, tmp_path / "onnx", ExportContext(extra={"lm_head": "int4"}))
+    assert onnx_rep["lm_head"] == "int4-gptq" and onnx_rep["max_abs_logit_diff"] < 1e-4
