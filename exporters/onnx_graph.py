@@ -76,7 +76,8 @@ class Projections(nn.Module):
 
     def __init__(self, mods: list[nn.Module], o: GraphOptions):
         super().__init__()
-        self.sizes = [m.out_features for m in mods]
+        # HeadwiseLowRank (low-rank Q/K) has no out_features: heads * head_dim
+        self.sizes = [getattr(m, "out_features", None) or m.heads * m.head_dim for m in mods]
         self.fused = fused_linear(mods, o)
         self.parts = None if self.fused is not None else nn.ModuleList(as_graph_linear(m, o) for m in mods)
 
