@@ -11,6 +11,7 @@ from pathlib import Path
 from flatllm_export.modeling import configuration_flatllm, modeling_flatllm
 from flatllm_export.modeling.loading import DTYPES, load_model
 from flatllm_export.quantize.checkpoint import dequantized_state_dict
+from flatllm_export.quantize.qlinear import QuantLinear
 
 from . import ExportContext, check_reload, register
 
@@ -26,8 +27,10 @@ def save_hf(model, tokenizer, out: Path, dtype: str = "float32", max_shard_size:
     # a GPTQ model is written with its dequantized weights: loadable anywhere, same numbers as in memory
     state = dequantized_state_dict(model, target)
     model.config.auto_map = dict(AUTO_MAP)
-    saved = {k: getattr(model.config, k, None) for k in ("torch_dtype", "quantization_config")}
+    saved = {k: getattr(model.config, k, None) for k in ("torch_dtype", "quantization_config", "tie_word_embeddings")}
     model.config.torch_dtype = target
+    if isinstance(model.lm_head, QuantLinear):  # a GPTQ lm_head is its own weight now: not tied on reload
+        model.config.tie_word_embeddings = False
     if saved["quantization_config"] is not None:
         del model.config.quantization_config
     try:

@@ -56,7 +56,7 @@ def fused_linear(mods: list[nn.Module], o: GraphOptions) -> nn.Module | None:
     def bias(m):
         return m.bias.detach() if m.bias is not None else torch.zeros(m.out_features)
 
-    has_bias = any(m.bias is not None for m in mods)
+    has_bias = any(getattr(m, "bias", None) is not None for m in mods)
     if all(type(m) is nn.Linear for m in mods):
         lin = nn.Linear(mods[0].in_features, sum(m.out_features for m in mods), bias=has_bias)
         lin.weight.data = torch.cat([m.weight.detach() for m in mods])
@@ -76,7 +76,8 @@ class Projections(nn.Module):
 
     def __init__(self, mods: list[nn.Module], o: GraphOptions):
         super().__init__()
-        self.sizes = [m.out_features for m in mods]
+        # HeadwiseLowRank (low-rank Q/K) has no out_features: heads * head_dim
+        self.sizes = [getattr(m, "out_features", None) or m.heads * m.head_dim for m in mods]
         self.fused = fused_linear(mods, o)
         self.parts = None if self.fused is not None else nn.ModuleList(as_graph_linear(m, o) for m in mods)
 

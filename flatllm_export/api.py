@@ -92,8 +92,12 @@ def run(recipe: Recipe, output: str | Path, overwrite: bool = False, keep_failed
                     calib = calibration_windows(recipe, tokenizer)
                     st.update(windows=list(calib.shape))
             with log.stage("quantize") as st:
+                # a quantized lm_head of the model's own bit width is GPTQ-calibrated here (the checkpoint formats
+                # hold one bit width); another width is rounded to nearest by the ONNX exporter
+                head_bits = {"int4": 4, "int8": 8}.get(recipe.head_format("lm_head"))
                 st.update(quantize_model(model, calib, recipe.quantization, recipe.model.device,
-                                         recipe.calibration.batch_size))
+                                         recipe.calibration.batch_size,
+                                         lm_head_bits=head_bits if head_bits == recipe.quantization.bits else None))
             rep["quantization"] = {k: v for k, v in log.stages["quantize"].items() if k != "layers"}
             if eval_windows is not None:
                 with log.stage("evaluate_quantized") as st:
@@ -106,7 +110,10 @@ def run(recipe: Recipe, output: str | Path, overwrite: bool = False, keep_failed
                 0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
             ctx = ExportContext(dtype=recipe.export.dtype, sample=sample,
                                 noise_k=recipe.validation.noise_k if recipe.validation else DEFAULT_K,
-                                extra={"accuracy_level": recipe.export.accuracy_level})
+                                extra={"accuracy_level": recipe.export.accuracy_level,
+                                       "embedding": recipe.head_format("embedding"),
+                                       "lm_head": recipe.head_format("lm_head"),
+                                       "pad_value_cache": recipe.export.pad_value_cache})
             rep["exports"] = {}
             for target in recipe.export.targets:
                 with log.stage(f"export_{target}") as st:

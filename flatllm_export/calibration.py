@@ -98,7 +98,8 @@ def run_layers(layers, inputs: torch.Tensor, cos: torch.Tensor, sin: torch.Tenso
 
 
 def run_sequential(model, windows: torch.Tensor, method: LayerMethod, device: str = "cpu", batch_size: int = 8,
-                   desc: str = "calibrate") -> None:
-    """Process every decoder layer of ``model`` in order with ``method`` (see module docstring)."""
+                   desc: str = "calibrate") -> torch.Tensor:
+    """Process every decoder layer of ``model`` in order with ``method`` (see module docstring). Returns the last
+    layer's outputs (the final norm's inputs), on the host."""
     inputs, cos, sin = layer0_inputs(model, windows, batch_size)
-    run_layers(model.model.layers, inputs, cos, sin, method, device, batch_size, desc)
+    return run_layers(model.model.layers, inputs, cos, sin, method, device, batch_size, desc)

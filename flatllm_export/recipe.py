@@ -124,6 +124,14 @@ class ExportSection(Strict):
     targets: list[str] = Field(default_factory=lambda: ["hf"])
     dtype: Literal["float32", "float16"] = "float32"
     accuracy_level: Literal[0, 1, 2, 3, 4] = Field(0, description="MatMulNBits accuracy_level for int4 ONNX")
+    embedding: Literal["auto", "float", "int8", "int4"] = Field(
+        "auto", description="ONNX embedding table: float, or block-quantized (GatherBlockQuantized, symmetric RTN; "
+                            "a tied table is read from the lm_head's data); auto: float for now")
+    lm_head: Literal["auto", "float", "int8", "int4"] = Field(
+        "auto", description="lm_head: float or block-quantized (MatMulNBits in ONNX); GPTQ-calibrated when the recipe "
+                            "has a quantization section of the same bits, else round-to-nearest at export; auto: float")
+    pad_value_cache: bool = Field(False, description="ONNX value cache padded to the key head dim (what "
+                                                     "onnxruntime-genai allocates); the genai target always pads")
 
     @field_validator("targets")
     @classmethod
@@ -207,8 +215,9 @@ class Recipe(Strict):
         if "gptq" in targets and self.quantization is None:
             raise ValueError("export.targets has 'gptq' but there is no quantization section to produce it")
         q = self.quantization
-        if "onnx" in targets and q is not None and (q.bits not in (2, 4, 8) or q.desc_act):
-            raise ValueError("export target 'onnx' turns GPTQ weights into MatMulNBits, which needs "
+        onnx_targets = [t for t in ("onnx", "genai") if t in targets]
+        if onnx_targets and q is not None and (q.bits not in (2, 4, 8) or q.desc_act):
+            raise ValueError(f"export target {onnx_targets[0]!r} turns GPTQ weights into MatMulNBits, which needs "
                              "quantization.bits in [2, 4, 8] and quantization.desc_act: false "
                              f"(got bits={q.bits}, desc_act={q.desc_act})")
         from .modeling.loading import model_context
@@ -223,6 +232,8 @@ class Recipe(Strict):
             for rt in self.validation.runtimes:
                 if rt in need and need[rt] not in targets:
                     raise ValueError(f"validation.runtimes has '{rt}' but export.targets lacks '{need[rt]}'")
+        if self.export and self.export.pad_value_cache and not onnx_targets:
+            raise ValueError("export.pad_value_cache pads the ONNX value cache, but export.targets has no 'onnx'")
             if "onnxruntime-genai" in self.validation.runtimes and "genai" not in targets:
                 c = self.compression
                 if "onnx" not in targets:
@@ -234,6 +245,11 @@ class Recipe(Strict):
                                      "which onnxruntime-genai cannot hold (it shapes the value cache like the key "
                                      "cache): add export target 'genai' (value cache padded to the key dim)")
         return self
+
+    def head_format(self, which: str) -> str:
+        """export.embedding / export.lm_head resolved: float, int8 or int4."""
+        value = getattr(self.export, which) if self.export else "auto"
+        return "float" if value == "auto" else value  # auto stays float until the quantized head is the default
 
 
 def _format_errors(exc: ValidationError, source: str) -> str:

@@ -56,6 +56,8 @@ def _onnx_traits(meta: dict) -> tuple[str, str]:
     level = meta.get("accuracy_level") if meta["int4"] else None
     note = ("int4 MatMulNBits" + (f" accuracy_level {level}" if level else "") if meta["int4"] else "") \
         + f" {meta['dtype']}"
+    if meta.get("approximate_head"):  # embedding / lm_head rounded at export: PyTorch has no such model; the
+        return "int8", (note + " rounded embedding/lm_head").strip()  # loose floor, as for int8 activations
     return onnx_floor_kind(meta["dtype"], meta["int4"], level), note.strip()
 
 

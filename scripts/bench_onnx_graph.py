@@ -2,8 +2,9 @@
 
     .venv/bin/python scripts/bench_onnx_graph.py [MODEL_DIR] [--before]
 
-MODEL_DIR defaults to the converted SmolLM2-135M folder. Variants: dense GPTQ int4 g32 and FLAT-LLM 30% + GPTQ
-int4 g32 (calibration 16 x 256 train-play tokens); each exported with float or int4 embedding/lm_head and
+MODEL_DIR defaults to the converted SmolLM2-135M folder. Variants: dense int4 g32 and FLAT-LLM 30% + int4 g32
+(calibration 16 x 256 train-play tokens); the int4 integers come from GPTQ, or with ``--rtn`` from round-to-nearest
+(same graph, same sizes and speed, cheaper to make: GPTQ of SmolLM2 takes ~20 min on a shared 2-core machine); each exported with float or int4 embedding/lm_head and
 accuracy_level 0 or 4. ``--before`` also exports with the main branch's exporter (``/work/main``, run in a
 subprocess on the gptq checkpoint) for the before column. Decode: batch 1, 2 threads, 128-token prompt, then 128
 greedy tokens with the cache; ppl on 8 test windows of 512 tokens. Writes docs/bench_onnx_graph.{md,json}.
@@ -30,7 +31,9 @@ from flatllm_export import data  # noqa: E402
 from flatllm_export.compress import compress_flatllm  # noqa: E402
 from flatllm_export.evaluate import perplexity  # noqa: E402
 from flatllm_export.modeling import load_model, load_tokenizer  # noqa: E402
-from flatllm_export.quantize import quantize_model  # noqa: E402
+from flatllm_export.quantize import (SEQUENTIAL_GROUPS, QuantLinear, checkpoint_format, linear_names,  # noqa: E402
+                                     quantization_config, quantize_model, set_submodule)
+from flatllm_export.quantize.gptq import quantize_rtn  # noqa: E402
 from flatllm_export.recipe import QuantizationSection  # noqa: E402
 from flatllm_export.runtime.ort import OrtDecoder  # noqa: E402
 
@@ -69,7 +72,19 @@ def measure(folder: Path, prompt, windows) -> dict:
     return row
 
 
-def main(model_dir: str, before: bool) -> None:
+def rtn_int4(model) -> None:
+    """Every decoder linear as a symmetric int4 g32 QuantLinear by round-to-nearest."""
+    section = QuantizationSection(bits=4, group_size=32)
+    for layer in model.model.layers:
+        for group in SEQUENTIAL_GROUPS:
+            for name in (n for g in group for n in linear_names(layer, g)):
+                m = layer.get_submodule(name)
+                q = quantize_rtn(m.weight, 4, 32)
+                set_submodule(layer, name, QuantLinear.from_quantized(q, m.bias, checkpoint_format(True)))
+    model.config.quantization_config = quantization_config(section)
+
+
+def main(model_dir: str, before: bool, rtn: bool) -> None:
     out = Path("/tmp/bench_onnx_graph")
     out.mkdir(exist_ok=True)
     tok = load_tokenizer(model_dir)
@@ -82,19 +97,22 @@ def main(model_dir: str, before: bool) -> None:
         model = load_model(model_dir)
         if variant == "flatllm30":
             compress_flatllm(model, calib, 0.3, "iprs", linear_multiple=32)
-        quantize_model(model, calib, QuantizationSection(bits=4, group_size=32))
+        if rtn:
+            rtn_int4(model)
+        else:
+            quantize_model(model, calib, QuantizationSection(bits=4, group_size=32))
         if before:
             export("gptq", model, None, out / f"{variant}-gptq", ExportContext())
             subprocess.run([sys.executable, "-c", OLD_EXPORT, str(out / f"{variant}-gptq"), str(out / f"{variant}-old")],
                            check=True)
-            rows.append({"variant": variant, "graph": "before (main)", "head": "float", "accuracy_level": 0,
+            rows.append({"variant": variant, "quantizer": "rtn" if rtn else "gptq", "graph": "before (main)", "head": "float", "accuracy_level": 0,
                          **measure(out / f"{variant}-old", prompt, windows)})
             print(rows[-1], flush=True)
         for head, level in (("float", 0), ("int4", 0), ("int4", 4)):
             folder = out / f"{variant}-{head}-{level}"
             export("onnx", model, None, folder, ExportContext(extra={"embedding": head, "lm_head": head,
                                                                      "accuracy_level": level}))
-            rows.append({"variant": variant, "graph": "lean", "head": head, "accuracy_level": level,
+            rows.append({"variant": variant, "quantizer": "rtn" if rtn else "gptq", "graph": "lean", "head": head, "accuracy_level": level,
                          **measure(folder, prompt, windows)})
             print(rows[-1], flush=True)
         del model
@@ -110,4 +128,4 @@ def main(model_dir: str, before: bool) -> None:
 if __name__ == "__main__":
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     torch.set_num_threads(2)
-    main(args[0] if args else "/root/.cache/flatllm-export/smollm2-135m", "--before" in sys.argv)
+    main(args[0] if args else "/root/.cache/flatllm-export/smollm2-135m", "--before" in sys.argv, "--rtn" in sys.argv)

@@ -89,13 +89,37 @@ def check_packable(model) -> None:
                                 "as the quantization (ranks are then aligned to 32) or set compression.round_to: 32")
 
 
-def quantize_model(model, windows: torch.Tensor, section, device: str = "cpu", batch_size: int = 8) -> dict:
-    """GPTQ every decoder linear of ``model`` in place. Returns the report section."""
+@torch.no_grad()
+def quantize_lm_head(model, hidden: torch.Tensor, section, bits: int, device: str, batch_size: int) -> dict:
+    """GPTQ of the lm_head with ``bits``, its Hessian from the final-norm outputs of the calibration windows
+    (``hidden``: the last decoder layer's outputs). The embedding stays float in PyTorch; with tied embeddings the
+    ONNX exporter may read it from this quantized weight."""
+    head, norm = model.lm_head, model.model.norm
+    home = head.weight.device
+    head.to(device), norm.to(device)
+    hess = torch.zeros(head.in_features, head.in_features, dtype=torch.float64, device=device)
+    count = 0
+    for batch in hidden.split(batch_size):
+        x = norm(batch.to(device))
+        count = accumulate_hessian(hess, x.reshape(-1, x.shape[-1]), count)
+    q, diag = quantize_weight(head.weight, hess, bits, section.group_size, section.sym, section.desc_act,
+                              section.damp_percent, section.block_size, name="lm_head")
+    model.lm_head = QuantLinear.from_quantized(q, head.bias, checkpoint_format(section.sym)).to(home)
+    norm.to(home)
+    return {"shape": [head.out_features, head.in_features], "bits": bits, **diag}
+
+
+def quantize_model(model, windows: torch.Tensor, section, device: str = "cpu", batch_size: int = 8,
+                   lm_head_bits: int | None = None) -> dict:
+    """GPTQ every decoder linear of ``model`` in place, and the lm_head with ``lm_head_bits`` when given.
+    Returns the report section."""
     check_packable(model)
     t0 = time.time()
     method = GPTQLayerMethod(section)
-    run_sequential(model, windows, method, device, batch_size, desc=f"gptq {section.bits}-bit")
-    model.config.quantization_config = quantization_config(section)
+    hidden = run_sequential(model, windows, method, device, batch_size, desc=f"gptq {section.bits}-bit")
+    if lm_head_bits:
+        method.modules["lm_head"] = quantize_lm_head(model, hidden, section, lm_head_bits, device, batch_size)
+    model.config.quantization_config = quantization_config(section, lm_head=bool(lm_head_bits))
     retried = {k: v["damp_percent"] for k, v in method.modules.items() if v["retries"]}
     return {"method": "gptq", "bits": section.bits, "group_size": section.group_size, "sym": section.sym,
             "desc_act": section.desc_act, "damp_percent": section.damp_percent, "checkpoint_format": method.fmt,
@@ -103,10 +127,10 @@ def quantize_model(model, windows: torch.Tensor, section, device: str = "cpu", b
             "quantize_seconds": round(time.time() - t0, 2), "layers": method.modules}
 
 
-def quantization_config(section) -> dict:
+def quantization_config(section, lm_head: bool = False) -> dict:
     return {"quant_method": "gptq", "bits": section.bits, "group_size": section.group_size,
             "desc_act": section.desc_act, "sym": section.sym, "damp_percent": section.damp_percent,
-            "true_sequential": True, "static_groups": False, "lm_head": False,
+            "true_sequential": True, "static_groups": False, "lm_head": lm_head,
             "checkpoint_format": checkpoint_format(section.sym), "pack_dtype": "int32"}
 
 
