@@ -11,6 +11,7 @@ from transformers import AutoTokenizer
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 import exporters.onnx as onnx_exporter
+import onnx
 from exporters import ExportContext, ExportError, check_reload, export
 from flatllm_export import data
 from flatllm_export.modeling import load_model
@@ -68,7 +69,7 @@ def untie_head(model):  # a tied lm_head untied and perturbed (relative 1e-3 noi
     model.lm_head.weight.data = w + 1e-3 * w.std() * torch.randn(w.shape, generator=g)
 
 
-class ValuesOneOff(onnx_exporter.ExplicitCacheDecoder):
+class ValuesOneOff(onnx_exporter.GraphDecoder):
     """The graph reads the past values one position off (past keys stay right): prefill is untouched."""
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
@@ -83,9 +84,12 @@ MUTATIONS = {"scales": scales_up, "value_heads": swap_value_heads, "rope_base": 
 def write_onnx(model, out, monkeypatch=None, graph_class=None):
     out.mkdir(parents=True)
     if graph_class is not None:
-        monkeypatch.setattr(onnx_exporter, "ExplicitCacheDecoder", graph_class)
-    int4 = onnx_exporter.export_graph(model, out / "model.onnx", torch.float32)
-    onnx_exporter.write_metadata(model, out, "float32", int4, 0)
+        monkeypatch.setattr(onnx_exporter, "GraphDecoder", graph_class)
+    opts = onnx_exporter.options(model, ExportContext())
+    onnx_exporter.export_graph(model, out / "model.onnx", opts)
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    int4 = any(n.op_type == "MatMulNBits" for n in graph.node)
+    onnx_exporter.write_metadata(model, out, "float32", opts, int4)
     return int4
 
 
