@@ -225,6 +225,8 @@ class Recipe(Strict):
         context = model_context(self.model.path)
         if context is not None and self.context_problems(context):
             raise ValueError("; ".join(self.context_problems(context)))
+        if self.export and self.export.pad_value_cache and not onnx_targets:
+            raise ValueError("export.pad_value_cache pads the ONNX value cache, but export.targets has no 'onnx'")
         if self.validation:
             if self.evaluation is None:
                 raise ValueError("validation needs an evaluation section (dataset, split, seqlen of the windows)")
@@ -232,14 +234,12 @@ class Recipe(Strict):
             for rt in self.validation.runtimes:
                 if rt in need and need[rt] not in targets:
                     raise ValueError(f"validation.runtimes has '{rt}' but export.targets lacks '{need[rt]}'")
-        if self.export and self.export.pad_value_cache and not onnx_targets:
-            raise ValueError("export.pad_value_cache pads the ONNX value cache, but export.targets has no 'onnx'")
             if "onnxruntime-genai" in self.validation.runtimes and "genai" not in targets:
                 c = self.compression
                 if "onnx" not in targets:
                     raise ValueError("validation.runtimes has 'onnxruntime-genai' but export.targets has neither "
                                      "'genai' nor 'onnx'")
-                if c is not None and c.method == "flatllm":
+                if c is not None and c.method == "flatllm" and not self.export.pad_value_cache:
                     raise ValueError("validation.runtimes has 'onnxruntime-genai', but FLAT-LLM narrows each "
                                      "layer's value heads and the 'onnx' target keeps that narrower value cache, "
                                      "which onnxruntime-genai cannot hold (it shapes the value cache like the key "
