@@ -21,10 +21,12 @@ from .modeling_flatllm import FlatLlamaForCausalLM
 SUPPORTED = ("llama", "mistral", FlatLlamaConfig.model_type)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 REPO_ROOT = Path(__file__).resolve().parents[2]
-# short name -> its folder; smollm2-135m is built on first use from a PyPI wheel into a cache outside the repo
+# short name -> its folder; the names in BUILDERS are built there on first use (smollm2-135m from a PyPI wheel,
+# into a cache outside the repo)
 SHORT_NAMES = {"ref-llama": lambda: REPO_ROOT / "models" / "ref-llama",
                "ref-gqa": lambda: REPO_ROOT / "models" / "ref-gqa",
-               "smollm2-135m": smollm2_folder}
+               "smollm2-135m": smollm2_dir}
+BUILDERS = {"smollm2-135m": smollm2_folder}
 
 
 class ModelLoadError(ValueError):
@@ -35,7 +37,7 @@ def resolve_model_path(path: str) -> str:
     """A short name, a local folder, a .gguf file (converted once into the cache), or a hub id (downloaded,
     safetensors only)."""
     if path in SHORT_NAMES:
-        return str(SHORT_NAMES[path]())
+        return str(BUILDERS.get(path, SHORT_NAMES[path])())
     expanded = os.path.expanduser(path)
     if os.path.isdir(expanded):
         return expanded
@@ -56,12 +58,8 @@ def resolve_model_path(path: str) -> str:
 def model_context(path: str) -> int | None:
     """max_position_embeddings of a model that is already on disk (None when it must first be fetched or built),
     so recipes can be checked against it before any work."""
-    if path == "smollm2-135m":
-        folder = smollm2_dir()  # not built yet: nothing to check against
-    elif path in SHORT_NAMES:
-        folder = SHORT_NAMES[path]()
-    else:
-        folder = Path(os.path.expanduser(path))  # a hub id or a .gguf file has no config.json here
+    # a short name not built yet, a hub id or a .gguf file has no config.json here
+    folder = SHORT_NAMES[path]() if path in SHORT_NAMES else Path(os.path.expanduser(path))
     try:
         return int(json.loads((Path(folder) / "config.json").read_text())["max_position_embeddings"])
     except (TypeError, OSError, KeyError, ValueError):
