@@ -35,10 +35,10 @@ from .onnx_ops import TMP_DOMAIN
 DEFAULT_ACCURACY_LEVEL = 0
 
 
-def io_names(n_layers: int) -> tuple[list[str], list[str]]:
+def io_names(n_layers: int, positions: bool = False) -> tuple[list[str], list[str]]:
     past = [f"past_key_values.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
     present = [f"present.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
-    return ["input_ids", "attention_mask", "position_ids", *past], ["logits", *present]
+    return ["input_ids", "attention_mask", *(["position_ids"] if positions else []), *past], ["logits", *present]
 
 
 def cache_layout(config, pad_value_cache: bool = False) -> list[dict]:
@@ -56,25 +56,26 @@ def options(model, ctx: ExportContext) -> GraphOptions:
     return GraphOptions(dtype=dtype, accuracy_level=int(ctx.extra.get("accuracy_level", DEFAULT_ACCURACY_LEVEL)),
                         embedding=ctx.extra.get("embedding", "float"), lm_head=ctx.extra.get("lm_head", "float"),
                         block_size=int(ctx.extra.get("head_block_size", block)),
-                        pad_value_cache=bool(ctx.extra.get("pad_value_cache", False)))
+                        pad_value_cache=bool(ctx.extra.get("pad_value_cache", False)),
+                        attention=ctx.extra.get("attention", "gqa"))
 
 
 def export_graph(model, path: Path, opts: GraphOptions) -> GraphDecoder:
     """Write the graph; returns the PyTorch module it was traced from (the self-check's reference)."""
     dec = GraphDecoder(model, opts).eval()
     n_layers = model.config.num_hidden_layers
-    inputs, outputs = io_names(n_layers)
+    inputs, outputs = io_names(n_layers, dec.takes_positions)
     batch, seq, past_len = 2, 3, 4  # >= 2 so no dynamic dim is specialised
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
     past, g = [], torch.Generator().manual_seed(1)
     for c in cache_layout(model.config, opts.pad_value_cache):
         past += [torch.randn(batch, c["num_kv_heads"], past_len, c["key_dim"], generator=g).to(opts.dtype),
                  torch.randn(batch, c["num_kv_heads"], past_len, c["value_dim"], generator=g).to(opts.dtype)]
-    args = (ids, torch.ones(batch, past_len + seq, dtype=torch.long),
-            torch.arange(past_len, past_len + seq).expand(batch, -1), *past)
+    positions = [torch.arange(past_len, past_len + seq).expand(batch, -1)] if dec.takes_positions else []
+    args = (ids, torch.ones(batch, past_len + seq, dtype=torch.long), *positions, *past)
     axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total_sequence"},
             "position_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"}}
-    for name in inputs[3:]:
+    for name in inputs[2 + len(positions):]:
         axes[name] = {0: "batch", 2: "past_sequence"}
     for name in outputs[1:]:
         axes[name] = {0: "batch", 2: "total_sequence"}
@@ -94,7 +95,7 @@ def export_graph(model, path: Path, opts: GraphOptions) -> GraphDecoder:
 
 def write_metadata(model, out: Path, dtype: str, opts: GraphOptions, int4: bool) -> dict:
     cfg = model.config
-    inputs, outputs = io_names(cfg.num_hidden_layers)
+    inputs, outputs = io_names(cfg.num_hidden_layers, opts.attention != "gqa")
     lm_head = f"int{model.lm_head.bits}-gptq" if isinstance(model.lm_head, QuantLinear) else opts.lm_head
     meta = {
         "format": "flatllm-onnx/1",
@@ -104,6 +105,9 @@ def write_metadata(model, out: Path, dtype: str, opts: GraphOptions, int4: bool)
         "num_hidden_layers": cfg.num_hidden_layers,
         "inputs": inputs, "outputs": outputs,
         "kv_cache_shape": "[batch, num_kv_heads, sequence, dim]",
+        # gqa: GroupQueryAttention; the past may be a max-length buffer bound as the present too (in place),
+        # attention_mask right-padded. standard: opset-23 Attention, present = past + new (any padding)
+        "attention": opts.attention, "shared_kv_buffer": opts.attention == "gqa",
         "pad_value_cache": opts.pad_value_cache,
         "layers": cache_layout(cfg, opts.pad_value_cache),
         "int4": int4, "accuracy_level": opts.accuracy_level if int4 else None,

@@ -3,9 +3,12 @@ the post-processing of the written proto (opset 23, constants as initializers, o
 
 Per decoder layer the graph has: SkipSimplifiedLayerNormalization (residual add + RMSNorm), one matmul for
 Q/K/V and one for gate/up (concatenated N, then Split) when the projections are plain or share one quantization
-grid, RotaryEmbedding on q and k (cos/sin cache gathered by position), the standard Attention op with the
-layer's own heads, KV heads and value head dim (past in, present out), the o_proj / down_proj matmuls and SiLU.
-The causal + padding mask is built once per call and shared by every layer.
+grid, then by default com.microsoft GroupQueryAttention with the layer's own heads and KV heads, rotary inside
+and a KV cache a runtime may keep as one max-length buffer updated in place (the value cache is padded to the
+key head dim where FLAT-LLM narrowed it: GroupQueryAttention takes one head dim); or, with
+``attention="standard"``, RotaryEmbedding on q and k and the opset-23 Attention op, which keeps each layer's own
+value head dim in the cache but concatenates past and new every step. Then the o_proj / down_proj matmuls and
+SiLU. The sequence lengths (or the causal + padding mask) are computed once per call and shared by every layer.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from flatllm_export.quantize.gptq import quantize_rtn
 from flatllm_export.quantize.qlinear import QuantLinear
 
 from .onnx_ops import (TMP_DOMAIN, FusedNorm, MatMulNBitsLinear, QuantEmbedding, RotaryCache, attention,
-                       concat_quantized, pad_last, reshape_bt)
+                       concat_quantized, gqa_lengths, group_query_attention, pad_last, reshape_bt)
 
 OPSET = 23
 HEAD_BITS = {"float": None, "int8": 8, "int4": 4}
@@ -39,6 +42,12 @@ class GraphOptions:
     lm_head: str = "float"  # float | int8 | int4 (MatMulNBits; a GPTQ-quantized lm_head is written as it is)
     block_size: int = 32  # block of the RTN-quantized embedding / lm_head
     pad_value_cache: bool = False  # value cache as wide as the key's (onnxruntime-genai allocates both alike)
+    attention: str = "gqa"  # gqa: GroupQueryAttention (rotary inside, shared KV buffer; needs the padded value
+    #                          cache) | standard: opset-23 Attention (any value head dim; past + new concatenated)
+
+    def __post_init__(self):
+        if self.attention == "gqa":
+            self.pad_value_cache = True  # GroupQueryAttention takes one head dim for keys and values
 
 
 def as_graph_linear(mod: nn.Module, o: GraphOptions) -> nn.Module:
@@ -93,6 +102,7 @@ class GraphLayer(nn.Module):
         att, mlp = layer.self_attn, layer.mlp
         self.heads, self.kv_heads, self.dim, self.v_dim = att.num_heads, att.num_kv_heads, att.head_dim, att.v_head_dim
         self.pad = o.pad_value_cache and self.v_dim < self.dim
+        self.gqa = o.attention == "gqa"
         self.rotary = rotary
         self.input_norm, self.post_norm = FusedNorm(layer.input_layernorm), FusedNorm(layer.post_attention_layernorm)
         self.qkv = Projections([att.q_proj, att.k_proj, att.v_proj], o)
@@ -102,17 +112,23 @@ class GraphLayer(nn.Module):
         if mlp.act_fn.__class__.__name__ not in ("SiLU", "SiLUActivation"):
             raise ValueError(f"the ONNX graph writes SiLU; this model's MLP uses {mlp.act_fn.__class__.__name__}")
 
-    def forward(self, x, residual, position_ids, mask, past_k, past_v):
+    def forward(self, x, residual, lengths, past_k, past_v):
+        """``lengths``: (seqlens_k, total) for GroupQueryAttention, (position_ids, 4-D mask) for Attention."""
         if residual is None:  # first layer: nothing to add yet
             h, residual = self.input_norm(x), x
         else:
             h, residual = self.input_norm(x, residual)
         q, k, v = self.qkv(h)
-        q, k = self.rotary(q, position_ids, self.heads), self.rotary(k, position_ids, self.kv_heads)
+        if not self.gqa:
+            q, k = self.rotary(q, lengths[0], self.heads), self.rotary(k, lengths[0], self.kv_heads)
         if self.pad:  # zero columns up to the key head dim: o_proj then reads the first v_dim of each head
             v = reshape_bt(pad_last(reshape_bt(v, self.kv_heads, self.v_dim), self.dim - self.v_dim),
                            self.kv_heads * self.dim)
-        y, pk, pv = attention(q, k, v, mask, past_k, past_v, self.heads, self.kv_heads, self.dim**-0.5)
+        if self.gqa:
+            y, pk, pv = group_query_attention(q, k, v, *lengths, past_k, past_v, self.rotary, self.heads,
+                                              self.kv_heads, self.dim**-0.5)
+        else:
+            y, pk, pv = attention(q, k, v, lengths[1], past_k, past_v, self.heads, self.kv_heads, self.dim**-0.5)
         if self.pad:
             y = reshape_bt(reshape_bt(y, self.heads, self.dim)[..., : self.v_dim], self.heads * self.v_dim)
         h, residual = self.post_norm(self.o_proj(y), residual)
@@ -145,7 +161,8 @@ def head_weights(model, o: GraphOptions) -> tuple[nn.Module, nn.Module]:
 
 
 class GraphDecoder(nn.Module):
-    """What the graph computes: (input_ids, attention_mask, position_ids, *past) -> (logits, *presents)."""
+    """What the graph computes: (input_ids, attention_mask, [position_ids,] *past) -> (logits, *presents);
+    position_ids only with the standard Attention op (GroupQueryAttention derives positions from the mask)."""
 
     def __init__(self, model, o: GraphOptions):
         super().__init__()
@@ -155,13 +172,19 @@ class GraphDecoder(nn.Module):
         self.rotary = RotaryCache(model.model.rotary_emb, cfg.max_position_embeddings, cfg.head_dim, o.dtype)
         self.layers = nn.ModuleList(GraphLayer(layer, self.rotary, o) for layer in model.model.layers)
         self.norm = FusedNorm(model.model.norm)
+        self.takes_positions = o.attention != "gqa"
 
-    def forward(self, input_ids, attention_mask, position_ids, *past):
+    def forward(self, input_ids, attention_mask, *rest):
         x = self.embed(input_ids)
-        mask = attention_mask_4d(attention_mask, input_ids.shape[1], past[0].shape[2], x.dtype, x.device)
+        if self.takes_positions:
+            position_ids, *past = rest
+            lengths = (position_ids, attention_mask_4d(attention_mask, input_ids.shape[1], past[0].shape[2],
+                                                       x.dtype, x.device))
+        else:
+            past, lengths = rest, gqa_lengths(attention_mask)
         residual, presents = None, []
         for i, layer in enumerate(self.layers):
-            x, residual, pk, pv = layer(x, residual, position_ids, mask, past[2 * i], past[2 * i + 1])
+            x, residual, pk, pv = layer(x, residual, lengths, past[2 * i], past[2 * i + 1])
             presents += [pk, pv]
         h, _ = self.norm(x, residual)
         return (self.lm_head(h), *presents)
@@ -174,9 +197,8 @@ class GraphDecoder(nn.Module):
             shape = (ids.shape[0], layer.kv_heads, 0)
             empty += [torch.zeros(*shape, layer.dim, dtype=self.rotary.cos.dtype),
                       torch.zeros(*shape, dv, dtype=self.rotary.cos.dtype)]
-        mask = torch.ones_like(ids)
-        pos = torch.arange(ids.shape[1]).expand_as(ids)
-        return self(ids, mask, pos, *empty)[0]
+        positions = [torch.arange(ids.shape[1]).expand_as(ids)] if self.takes_positions else []
+        return self(ids, torch.ones_like(ids), *positions, *empty)[0]
 
 
 def finalize(proto: onnx.ModelProto) -> onnx.ModelProto:

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flatllm_export.modeling.modeling_flatllm import attention_mask_4d
 from flatllm_export.quantize.gptq import QuantizedWeight
 from flatllm_export.quantize.matmulnbits import to_matmulnbits
 
@@ -200,16 +201,21 @@ class FusedNorm(nn.Module):
         return _SkipRMSNorm.apply(x, residual, self.weight, self.eps)
 
 
+def rotate(x, position_ids, cos_cache, sin_cache, heads: int) -> torch.Tensor:
+    """Rotate-half RoPE of x (B, T, heads*dim) at position_ids (B, T), cos/sin gathered from (positions, dim/2)."""
+    xs = x.unflatten(-1, (heads, -1))  # (B, T, h, d)
+    cos = torch.cat([cos_cache[position_ids]] * 2, -1).unsqueeze(2).to(x.dtype)  # (B, T, 1, d)
+    sin = torch.cat([sin_cache[position_ids]] * 2, -1).unsqueeze(2).to(x.dtype)
+    x1, x2 = xs.chunk(2, -1)
+    return (xs * cos + torch.cat([-x2, x1], -1) * sin).flatten(-2)
+
+
 class _Rotary(torch.autograd.Function):
     """Rotate-half RoPE of x (B, T, heads*dim) at position_ids (B, T): one com.microsoft RotaryEmbedding."""
 
     @staticmethod
     def forward(ctx, x, position_ids, cos_cache, sin_cache, heads):
-        xs = x.unflatten(-1, (heads, -1))  # (B, T, h, d)
-        cos = torch.cat([cos_cache[position_ids]] * 2, -1).unsqueeze(2).to(x.dtype)  # (B, T, 1, d)
-        sin = torch.cat([sin_cache[position_ids]] * 2, -1).unsqueeze(2).to(x.dtype)
-        x1, x2 = xs.chunk(2, -1)
-        return (xs * cos + torch.cat([-x2, x1], -1) * sin).flatten(-2)
+        return rotate(x, position_ids, cos_cache, sin_cache, heads)
 
     @staticmethod
     def symbolic(g, x, position_ids, cos_cache, sin_cache, heads):
@@ -262,3 +268,44 @@ class _Attention(torch.autograd.Function):
 
 def attention(q, k, v, mask, past_k, past_v, heads: int, kv_heads: int, scale: float):
     return _Attention.apply(q, k, v, mask, past_k, past_v, heads, kv_heads, scale)
+
+
+class _GroupQueryAttention(torch.autograd.Function):
+    """Rotary + causal attention with the KV cache inside: one com.microsoft GroupQueryAttention (do_rotary), what
+    onnxruntime-genai's own builder writes. q/k/v are (B, T, heads*dim) with one head dim for keys and values;
+    ``seqlens_k`` (B,) int32 is each row's valid length - 1 and ``total`` the attention mask's length. In
+    onnxruntime the past may be a max-length buffer bound as the present too (updated in place, no copy); here,
+    the PyTorch side, the past is exactly the valid history and rows are unpadded."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, seqlens_k, total, past_k, past_v, cos_cache, sin_cache, heads, kv_heads, scale):
+        past, seq = past_k.shape[2], q.shape[1]
+        pos = torch.arange(past, past + seq, device=q.device).expand(q.shape[0], -1)
+        q, k = rotate(q, pos, cos_cache, sin_cache, heads), rotate(k, pos, cos_cache, sin_cache, kv_heads)
+        mask = attention_mask_4d(None, seq, past, q.dtype, q.device)
+        return _Attention.forward(ctx, q, k, v, mask, past_k, past_v, heads, kv_heads, scale)
+
+    @staticmethod
+    def symbolic(g, q, k, v, seqlens_k, total, past_k, past_v, cos_cache, sin_cache, heads, kv_heads, scale):
+        y, pk, pv = g.op("com.microsoft::GroupQueryAttention", q, k, v, past_k, past_v, seqlens_k, total,
+                         cos_cache, sin_cache, num_heads_i=heads, kv_num_heads_i=kv_heads, scale_f=scale,
+                         do_rotary_i=1, rotary_interleaved_i=0, local_window_size_i=-1, outputs=3)
+        y.setType(q.type())
+        pk.setType(past_k.type())
+        pv.setType(past_v.type())
+        return y, pk, pv
+
+
+def group_query_attention(q, k, v, seqlens_k, total, past_k, past_v, rotary: "RotaryCache", heads: int,
+                          kv_heads: int, scale: float):
+    return _GroupQueryAttention.apply(q, k, v, seqlens_k, total, past_k, past_v, rotary.cos, rotary.sin, heads,
+                                      kv_heads, scale)
+
+
+def gqa_lengths(attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(seqlens_k, total_sequence_length) of GroupQueryAttention from a right-padded (B, S) 0/1 mask; computed
+    once per call in the graph (ReduceSum, Sub, Cast; Shape, Gather, Cast)."""
+    from torch.onnx import operators
+
+    seqlens = (attention_mask.sum(1) - 1).to(torch.int32)
+    return seqlens, operators.shape_as_tensor(attention_mask)[1].to(torch.int32)

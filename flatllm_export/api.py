@@ -113,7 +113,8 @@ def run(recipe: Recipe, output: str | Path, overwrite: bool = False, keep_failed
                                 extra={"accuracy_level": recipe.export.accuracy_level,
                                        "embedding": recipe.head_format("embedding"),
                                        "lm_head": recipe.head_format("lm_head"),
-                                       "pad_value_cache": recipe.export.pad_value_cache})
+                                       "pad_value_cache": recipe.export.pad_value_cache,
+                                       "attention": recipe.export.attention})
             rep["exports"] = {}
             for target in recipe.export.targets:
                 with log.stage(f"export_{target}") as st:

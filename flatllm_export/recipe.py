@@ -131,7 +131,13 @@ class ExportSection(Strict):
         "auto", description="lm_head: float or block-quantized (MatMulNBits in ONNX); GPTQ-calibrated when the recipe "
                             "has a quantization section of the same bits, else round-to-nearest at export; auto: float")
     pad_value_cache: bool = Field(False, description="ONNX value cache padded to the key head dim (what "
-                                                     "onnxruntime-genai allocates); the genai target always pads")
+                                                     "onnxruntime-genai allocates); the genai target and "
+                                                     "attention: gqa always pad")
+    attention: Literal["gqa", "standard"] = Field(
+        "gqa", description="ONNX attention: gqa = com.microsoft GroupQueryAttention (rotary inside, KV cache "
+                           "updated in place in a shared buffer; value cache padded to the key head dim), standard "
+                           "= opset-23 Attention (each layer's value head dim kept in the cache; past and new "
+                           "concatenated every step)")
 
     @field_validator("targets")
     @classmethod
@@ -227,6 +233,9 @@ class Recipe(Strict):
             raise ValueError("; ".join(self.context_problems(context)))
         if self.export and self.export.pad_value_cache and not onnx_targets:
             raise ValueError("export.pad_value_cache pads the ONNX value cache, but export.targets has no 'onnx'")
+        if self.export and "attention" in self.export.model_fields_set and not onnx_targets:
+            raise ValueError("export.attention chooses the ONNX attention op, but export.targets has no 'onnx' or "
+                             "'genai'")
         if self.validation:
             if self.evaluation is None:
                 raise ValueError("validation needs an evaluation section (dataset, split, seqlen of the windows)")
@@ -239,11 +248,13 @@ class Recipe(Strict):
                 if "onnx" not in targets:
                     raise ValueError("validation.runtimes has 'onnxruntime-genai' but export.targets has neither "
                                      "'genai' nor 'onnx'")
-                if c is not None and c.method == "flatllm" and not self.export.pad_value_cache:
+                if c is not None and c.method == "flatllm" and not self.export.pad_value_cache \
+                        and self.export.attention == "standard":
                     raise ValueError("validation.runtimes has 'onnxruntime-genai', but FLAT-LLM narrows each "
                                      "layer's value heads and the 'onnx' target keeps that narrower value cache, "
                                      "which onnxruntime-genai cannot hold (it shapes the value cache like the key "
-                                     "cache): add export target 'genai' (value cache padded to the key dim)")
+                                     "cache): remove export.attention: standard (GroupQueryAttention pads it), "
+                                     "or add export target 'genai'")
         return self
 
     def head_format(self, which: str) -> str:

@@ -68,15 +68,25 @@ class Variant:
     method: str | None = None  # flatllm | flap | None (dense)
     ratio: float = 0.0
     int4: bool = True
+    head: str = "gptq"  # int4 rows: embedding + lm_head GPTQ int4 (tied: one table), or rtn (int4 RTN at export)
+    level: int | None = None  # MatMulNBits accuracy_level; None: --accuracy-level
+    genai: bool = True  # also run by onnxruntime-genai (the comparison rows are ours only)
 
     @property
-    def slug(self) -> str:
-        return "-".join(p for p in (self.method or "dense", f"{self.ratio:.0%}".rstrip("%") if self.method else "",
-                                    "int4" if self.int4 else "fp32") if p)
+    def model_slug(self) -> str:
+        parts = (self.method or "dense", f"{self.ratio:.0%}".rstrip("%") if self.method else "",
+                 "int4" if self.int4 else "fp32", "gptqhead" if self.int4 and self.head == "gptq" else "")
+        return "-".join(p for p in parts if p)
+
+    def slug(self, level: int) -> str:
+        return self.model_slug + (f"-a{level}" if self.int4 else "")
 
 
 VARIANTS = [Variant("dense fp32", int4=False), Variant("dense GPTQ int4"),
+            Variant("dense GPTQ int4, accuracy_level 0", level=0, genai=False),
+            Variant("dense GPTQ int4, RTN head", head="rtn", genai=False),
             *[Variant(f"FLAT-LLM {r:.0%} + int4", "flatllm", r) for r in (0.1, 0.2, 0.3, 0.5)],
+            Variant("FLAT-LLM 30% + int4, accuracy_level 0", "flatllm", 0.3, level=0, genai=False),
             Variant("FLAP 30% + int4", "flap", 0.3)]
 QUICK = {"dense fp32", "dense GPTQ int4", "FLAT-LLM 30% + int4", "genai builder int4"}
 
@@ -112,7 +122,7 @@ def make_inputs(args, tok) -> tuple[Path, torch.Tensor, torch.Tensor]:
 def build_variant(v: Variant, args, tok, calib, windows) -> dict:
     """Compress + quantize once (cached as a GPTQ checkpoint), export ONNX once per graph version."""
     src = Path(resolve_model_path(MODEL))
-    folder = CACHE / "models" / f"{v.slug}-c{args.nsamples}x{args.calib_seqlen}"
+    folder = CACHE / "models" / f"{v.model_slug}-c{args.nsamples}x{args.calib_seqlen}"
     info_path = folder / "info.json"
     if not info_path.exists():
         t0 = time.time()
@@ -126,7 +136,8 @@ def build_variant(v: Variant, args, tok, calib, windows) -> dict:
             if v.int4:
                 from flatllm_export.quantize import quantize_model
 
-                quantize_model(model, calib, QuantizationSection(bits=4, group_size=GROUP))
+                quantize_model(model, calib, QuantizationSection(bits=4, group_size=GROUP),
+                               lm_head_bits=4 if v.head == "gptq" else None)
                 export("gptq", model, tok, folder / "model", ExportContext())
         params = accounting.decoder_linear_params(model.config)
         dense = accounting.decoder_linear_params(load_model(str(src)).config) if v.method else params
@@ -140,11 +151,15 @@ def build_variant(v: Variant, args, tok, calib, windows) -> dict:
     if key not in info:
         info[key] = ppl(load_model(str(folder / "model" if v.int4 else src)), windows, 4)
         info_path.write_text(json.dumps(info, indent=1) + "\n")
-    # int4 rows as deployed: embedding and lm_head block-quantized too (as genai's builder)
-    extra = {"accuracy_level": args.accuracy_level, "embedding": args.head, "lm_head": args.head} if v.int4 else {}
-    base = CACHE / "exports" / f"{graph_key()}-a{args.accuracy_level}-{args.head}"
-    dirs = {"onnx": base / v.slug, "genai": base / f"{v.slug}-genai"}
+    # int4 rows as deployed: embedding and lm_head int4 too (as genai's builder); GPTQ's lm_head is written as it
+    # is (the tied embedding reads its table), an RTN head is rounded at export
+    level = args.accuracy_level if v.level is None else v.level
+    extra = {"accuracy_level": level, "embedding": "int4", "lm_head": "int4"} if v.int4 else {}
+    base = CACHE / "exports" / graph_key()
+    dirs = {"onnx": base / v.slug(level), "genai": base / f"{v.slug(level)}-genai"}
     for target, out in dirs.items():
+        if target == "genai" and not v.genai:
+            continue
         if target == "genai" and not genai_blocker(load_meta(dirs["onnx"])):
             dirs["genai"] = dirs["onnx"]  # onnxruntime-genai runs the onnx target as it is
         elif not (out / "flatllm_onnx.json").exists():
@@ -182,10 +197,11 @@ def builds(args, tok, calib, windows) -> list[dict]:
         if (not args.quick or label in QUICK) and (not args.only or f"genai-{precision}" in args.only):
             rows.append({"export": label, "runtime": "onnxruntime-genai", "path": str(build_genai(precision))})
     for v in VARIANTS:
-        if (args.quick and v.label not in QUICK) or (args.only and v.slug not in args.only):
+        level = args.accuracy_level if v.level is None else v.level
+        if (args.quick and v.label not in QUICK) or (args.only and v.slug(level) not in args.only):
             continue
         info = build_variant(v, args, tok, calib, windows)
-        for rt, target in (("onnxruntime", "onnx"), ("onnxruntime-genai", "genai")):
+        for rt, target in (("onnxruntime", "onnx"), ("onnxruntime-genai", "genai"))[: 2 if v.genai else 1]:
             row = {"export": v.label, "runtime": rt, "path": info[target], "ppl PyTorch": info["torch_ppl"],
                    "achieved ratio": info["achieved_ratio"]}
             if rt == "onnxruntime-genai":  # the same graph as the row before (value cache padded for FLAT-LLM)
@@ -285,7 +301,9 @@ def report(rows: list[dict], args, scaled_md: str) -> None:
           f"{args.windows} windows of {args.seqlen} tokens of the test plays, computed by the row's runtime; "
           f"'ppl PyTorch' is the in-memory model on the same windows. Our int4 = GPTQ (sym, group {GROUP}, "
           f"calibration {args.nsamples} x {args.calib_seqlen} train-play tokens) as MatMulNBits, accuracy_level "
-          f"{args.accuracy_level}, embedding and lm_head {args.head} (RTN, block 32, tied: written once); genai builder int4 = its RTN MatMulNBits (block 32, accuracy_level 4). "
+          f"{args.accuracy_level} unless the row says otherwise; the lm_head GPTQ int4 too and the tied embedding "
+          f"read from its table (GatherBlockQuantized), except the 'RTN head' row (int4 round-to-nearest at "
+          f"export, block 32); genai builder int4 = its RTN MatMulNBits (block 32, accuracy_level 4). "
           f"Ratios are against '{REFERENCE}' run by onnxruntime-genai. Exporter graph version "
           f"{graph_key()}.\n\n" + table(rows, COLS))
     DOCS.mkdir(exist_ok=True)
@@ -371,7 +389,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="4 rows, 32 decode tokens, 2 windows")
     ap.add_argument("--remeasure", action="store_true")
     ap.add_argument("--only", type=lambda v: v.split(","), default=[],
-                    help="comma-separated rows: genai-fp32, genai-int4, dense-fp32, dense-int4, flatllm-30-int4, ...")
+                    help="comma-separated rows: genai-fp32, genai-int4, dense-fp32, dense-int4-gptqhead-a4, "
+                         "flatllm-30-int4-gptqhead-a0, dense-int4-a4 (RTN head), ...")
     ap.add_argument("--scaled", action="store_true", help="also measure the scaled random-weight model")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt", type=int, default=128)
@@ -382,10 +401,8 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--nsamples", type=int, default=16)
     ap.add_argument("--calib-seqlen", type=int, default=256)
-    ap.add_argument("--accuracy-level", type=int, default=0, choices=[0, 1, 2, 3, 4],
-                    help="MatMulNBits accuracy_level of our int4 rows (4: the exporter self-check refuses FLAT-LLM 30%%)")
-    ap.add_argument("--head", default="int4", choices=["float", "int8", "int4"],
-                    help="embedding and lm_head of the int4 exports (RTN, block 32)")
+    ap.add_argument("--accuracy-level", type=int, default=4, choices=[0, 1, 2, 3, 4],
+                    help="MatMulNBits accuracy_level of our int4 rows (the '..., accuracy_level 0' rows compare)")
     args = ap.parse_args()
     if args.quick:
         args.new, args.new_long, args.windows = 32, 8, 2

@@ -28,22 +28,21 @@ from flatllm_export.evaluate import perplexity  # noqa: E402
 
 
 class Ours:
-    """Our onnxruntime wrapper: the cache stays bound in onnxruntime between steps."""
+    """Our onnxruntime wrapper: the cache stays in onnxruntime between steps (updated in place with
+    GroupQueryAttention)."""
 
     def __init__(self, path: str, threads: int):
         from flatllm_export.runtime.ort import OrtDecoder
 
         self.dec = OrtDecoder(path, threads=threads)
-        self.step_logits = self.dec.logits_buffer(1, 1)
         self.logits_fn = self.dec.logits_fn()
 
     def prefill(self, ids: np.ndarray, new_tokens: int):
-        buf = self.dec.logits_buffer(*ids.shape, last_only=True)
-        return self.dec.run(ids, self.dec.empty_past(1), buf, last_only=True), int(buf[0, -1].argmax())
+        cache, last = self.dec.prefill(ids, new_tokens)
+        return cache, int(last[0].argmax())
 
-    def step(self, past, token: int):
-        past = self.dec.run(np.array([[token]], dtype=np.int64), past, self.step_logits)
-        return past, int(self.step_logits[0, -1].argmax())
+    def step(self, cache, token: int):
+        return cache, int(self.dec.step(cache, np.array([token]))[0].argmax())
 
 
 class Genai:

@@ -39,7 +39,7 @@ def test_flap_export_in_genai_matches_pytorch(flap_export):
         assert row["ok"] and "48/48 = torch" in row["greedy"], row
         assert row["ppl_rel_diff"] < 1e-5 and row["logit_dev_f64"] <= row["logit_tol"], row
     cfg = json.loads((out / CONFIG_FILE).read_text())
-    assert cfg["search"]["past_present_share_buffer"] is False and cfg["model"]["vocab_size"] == 4096
+    assert cfg["search"]["past_present_share_buffer"] is True and cfg["model"]["vocab_size"] == 4096
 
 
 def test_genai_fixed_length_generation_ignores_eos(flap_export):
@@ -52,7 +52,7 @@ def test_genai_fixed_length_generation_ignores_eos(flap_export):
 def test_flatllm_runs_in_genai_from_the_padded_export_only(tmp_path):
     model = load_model("ref-gqa")
     compress_flatllm(model, windows("ref-gqa", split="train"), 0.5, "uniform")
-    export("onnx", model, None, tmp_path / "onnx", ExportContext())
+    export("onnx", model, None, tmp_path / "onnx", ExportContext(extra={"attention": "standard"}))
     with pytest.raises(ValueError, match="narrower than the key cache"):
         genai_runtime(tmp_path / "onnx")
     assert not (tmp_path / "onnx" / CONFIG_FILE).exists()

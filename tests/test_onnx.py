@@ -41,15 +41,18 @@ def check(res, kind="fp32"):
 
 
 @pytest.mark.parametrize("name", ["ref-llama", "ref-gqa"])
-@pytest.mark.parametrize("ratio", [0.3, 0.5])
-def test_compressed_fp32_parity(tmp_path, name, ratio):
+@pytest.mark.parametrize("ratio,attention", [(0.3, "gqa"), (0.5, "standard")])
+def test_compressed_fp32_parity(tmp_path, name, ratio, attention):
     model = load_model(name)
     compress_flatllm(model, windows(name, split="train"), ratio, "iprs")
-    rep = export("onnx", model, None, tmp_path / "onnx", ExportContext())
+    rep = export("onnx", model, None, tmp_path / "onnx", ExportContext(extra={"attention": attention}))
     assert rep["max_abs_logit_diff"] <= rep["tolerance"] < 1e-3 and not rep["int4"]
     meta = json.loads((tmp_path / "onnx" / "flatllm_onnx.json").read_text())
-    assert [m["value_dim"] for m in meta["layers"]] == [s["v_head_dim"] for s in model.config.layer_shapes]
-    assert len({m["value_dim"] for m in meta["layers"]}) > 1
+    v_dims = [s["v_head_dim"] for s in model.config.layer_shapes]
+    assert [m["v_head_dim"] for m in meta["layers"]] == v_dims and len(set(v_dims)) > 1
+    # the standard Attention op keeps each layer's value head dim in the cache; GroupQueryAttention takes the key's
+    want = v_dims if attention == "standard" else [model.config.head_dim] * len(v_dims)
+    assert [m["value_dim"] for m in meta["layers"]] == want and meta["attention"] == attention
     graph = onnx.load(str(tmp_path / "onnx" / "model.onnx"), load_external_data=False).graph
     dims = {i.name: [d.dim_value or d.dim_param for d in i.type.tensor_type.shape.dim] for i in graph.input}
     for i, m in enumerate(meta["layers"]):
@@ -130,6 +133,18 @@ def test_runtime_keeps_the_cache_in_onnxruntime_and_checks_metadata(tmp_path):
         full = model(torch.from_numpy(ids)).logits.numpy()
     assert np.abs(step - want).max() == 0 and np.abs(step[0, 0] - full[0, -1]).max() < 1e-4
     assert np.abs(prefill - full[:, :19]).max() < 1e-4
+    # GroupQueryAttention: one max-length buffer per layer, bound as past and present, written in place
+    shared = dec.shared_past(1, 24)
+    prefill_shared, step_shared = dec.logits_buffer(1, 19), dec.logits_buffer(1, 1)
+    assert dec.run(ids[:, :19], shared, prefill_shared, past_len=0) is shared
+    dec.run(ids[:, 19:], shared, step_shared, past_len=19)
+    assert np.abs(prefill_shared - prefill).max() < 1e-5 and np.abs(step_shared - step).max() < 1e-5
+    assert [tuple(p.shape()) for p in shared] == dec.cache_shapes(1, 24)
+    assert np.abs(shared[0].numpy()[:, :, :20] - dec.forward(ids)[1][0]).max() < 1e-5  # the keys, in place
+    assert (dec.generate(ids[:, :10], 12) == OrtDecoder(tmp_path / "onnx").generate(ids[:, :10], 12)).all()
+    left_padded = np.concatenate([np.zeros((1, 1), np.int64), np.ones((1, 19), np.int64)], 1)
+    with pytest.raises(ValueError, match="right-padded"):
+        dec.forward(ids[:, :20], attention_mask=left_padded)
     meta_path = tmp_path / "onnx" / "flatllm_onnx.json"
     meta = json.loads(meta_path.read_text())
     meta["layers"][0]["num_kv_heads"] += 1  # the graph declares the real count
@@ -169,14 +184,19 @@ def op_counts(folder):
     return model, counts
 
 
-def test_lean_graph_has_fused_ops_and_no_per_layer_shape_arithmetic(tmp_path):
+@pytest.mark.parametrize("attention", ["gqa", "standard"])
+def test_lean_graph_has_fused_ops_and_no_per_layer_shape_arithmetic(tmp_path, attention):
     model = load_model("ref-gqa")
     n = model.config.num_hidden_layers
-    rep = export("onnx", model, None, tmp_path / "onnx", ExportContext())
+    rep = export("onnx", model, None, tmp_path / "onnx", ExportContext(extra={"attention": attention}))
     assert rep["max_abs_logit_diff"] < 1e-4
     proto, ops = op_counts(tmp_path / "onnx")
     assert {o.domain: o.version for o in proto.opset_import}[""] == 23
-    assert ops["Attention"] == n and ops["RotaryEmbedding"] == 2 * n
+    if attention == "gqa":  # rotary inside, no position_ids input, no mask: lengths from attention_mask
+        assert ops["GroupQueryAttention"] == n and "RotaryEmbedding" not in ops and "Attention" not in ops
+        assert "position_ids" not in {i.name for i in proto.graph.input} and "Where" not in ops
+    else:
+        assert ops["Attention"] == n and ops["RotaryEmbedding"] == 2 * n
     assert ops["SkipSimplifiedLayerNormalization"] == 2 * n and ops["SimplifiedLayerNormalization"] == 1
     assert ops["MatMul"] == 4 * n + 1  # fused q/k/v, o_proj, fused gate/up, down_proj per layer; lm_head
     assert "Constant" not in ops and "ReduceMean" not in ops and "Softmax" not in ops
@@ -240,7 +260,7 @@ def test_flatllm_int4_with_padded_value_cache_generates_in_onnxruntime_genai(tmp
     assert all(m["value_dim"] == m["key_dim"] for m in meta["layers"])
     assert [m["v_head_dim"] for m in meta["layers"]] == [s["v_head_dim"] for s in model.config.layer_shapes]
     config = json.loads((tmp_path / "genai" / "genai_config.json").read_text())
-    assert config["search"]["past_present_share_buffer"] is False
+    assert config["search"]["past_present_share_buffer"] is True  # GroupQueryAttention: the cache updated in place
     prompt = windows("ref-gqa", n=1)[:1, :16]
     want = greedy_torch(model, prompt, 24)
     got = GenaiDecoder(tmp_path / "genai").generate(prompt.numpy(), 24)

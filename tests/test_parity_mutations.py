@@ -72,9 +72,10 @@ def untie_head(model):  # a tied lm_head untied and perturbed (relative 1e-3 noi
 class ValuesOneOff(onnx_exporter.GraphDecoder):
     """The graph reads the past values one position off (past keys stay right): prefill is untouched."""
 
-    def forward(self, input_ids, attention_mask, position_ids, *past):
-        past = [torch.cat([p[:, :, :1], p[:, :, :-1]], dim=2) if i % 2 else p for i, p in enumerate(past)]
-        return super().forward(input_ids, attention_mask, position_ids, *past)
+    def forward(self, input_ids, attention_mask, *rest):
+        n = 2 * len(self.layers)  # rest: [position_ids,] *past
+        past = [torch.cat([p[:, :, :1], p[:, :, :-1]], dim=2) if i % 2 else p for i, p in enumerate(rest[-n:])]
+        return super().forward(input_ids, attention_mask, *rest[:-n], *past)
 
 
 MUTATIONS = {"scales": scales_up, "value_heads": swap_value_heads, "rope_base": rope_base, "tied_head": untie_head,

@@ -122,9 +122,10 @@ def test_cli_check_reports_key_path_and_exit_code(tmp_path):
 def test_onnxruntime_genai_runtime_needs_an_export_it_can_hold():
     val = {"runtimes": ["torch", "onnxruntime-genai"]}
     bad({**GOOD, "validation": val}, "onnxruntime-genai", "neither 'genai' nor 'onnx'")
-    bad({**GOOD, "compression": {"method": "flatllm"}, "export": {"targets": ["onnx"]}, "validation": val},
-        "onnxruntime-genai", "value cache", "add export target 'genai'")
-    for method, targets in (("flap", ["onnx"]), ("flatllm", ["genai"])):
+    bad({**GOOD, "compression": {"method": "flatllm"}, "export": {"targets": ["onnx"], "attention": "standard"},
+         "validation": val}, "onnxruntime-genai", "value cache", "add export target 'genai'")
+    bad({**GOOD, "export": {"targets": ["hf"], "attention": "gqa"}}, "export.attention", "no 'onnx'")
+    for method, targets in (("flap", ["onnx"]), ("flatllm", ["genai"]), ("flatllm", ["onnx"])):
         ok = parse_recipe({**GOOD, "compression": {"method": method}, "export": {"targets": targets},
                            "validation": val})
         assert ok.validation.runtimes == ["torch", "onnxruntime-genai"]

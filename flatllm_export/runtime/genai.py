@@ -36,13 +36,16 @@ def genai_blocker(meta: dict) -> str | None:
     return None
 
 
-def write_genai_config(folder: str | Path, meta: dict | None = None, share_buffer: bool = False,
+def write_genai_config(folder: str | Path, meta: dict | None = None, share_buffer: bool | None = None,
                        threads: int | None = None, **model_fields) -> Path:
     """Write genai_config.json for the export in ``folder`` from its flatllm_onnx.json. ``share_buffer``: the
-    graph updates a max-length cache in place (GroupQueryAttention) instead of concatenating past and new.
+    graph updates a max-length cache in place (GroupQueryAttention) instead of concatenating past and new;
+    None: as the export's metadata says.
     ``model_fields`` (e.g. hidden_size, num_attention_heads) are added to the decoder section."""
     folder = Path(folder)
     meta = meta or load_meta(folder)
+    if share_buffer is None:
+        share_buffer = bool(meta.get("shared_kv_buffer", False))
     reason = genai_blocker(meta)
     if reason:
         raise ValueError(f"{folder}: {reason}")

@@ -1,16 +1,18 @@
 """An onnxruntime decoder session: per-layer KV caches shaped from flatllm_onnx.json, prefill and decode, greedy
 and sampled generation, and a logits function for perplexity on the same windows as PyTorch.
 
-Nothing is copied between steps: every call goes through an IO binding, the presents stay in onnxruntime's own
-memory (``bind_output`` to the CPU device) and are bound back as the next step's past (``bind_ortvalue_input``),
-and the logits are written by onnxruntime straight into a numpy buffer the caller owns (``buffer_ptr``), so a
-decode step reads one row of vocab logits and nothing else. Graphs that concatenate past and new keys still
-copy the cache inside the graph (present = concat(past, new)): that cost belongs to the graph, not to this loop.
+Nothing is copied between steps: every call goes through an IO binding and the logits are written by
+onnxruntime straight into a numpy buffer the caller owns, so a decode step reads one row of vocab logits and
+nothing else. With a GroupQueryAttention graph (the default export) generation allocates each layer's cache once
+at its final length and binds the same OrtValue as past and present: onnxruntime appends the new keys and values
+in place. Graphs of the standard Attention op concatenate past and new inside the graph (present = concat(past,
+new)); their presents stay in onnxruntime's memory and are bound back as the next step's past.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +47,8 @@ class OrtDecoder:
         self.takes_mask = "attention_mask" in graph_inputs
         self.takes_positions = "position_ids" in graph_inputs
         self.takes_keep = KEEP_INPUT in graph_inputs  # graphs that can skip the lm_head of earlier positions
+        self.shared_buffer = bool(self.meta.get("shared_kv_buffer", False))
+        self.context_length = int(self.meta.get("context_length") or 0)
         logits_type = next(o.type for o in self.session.get_outputs() if o.name == self.logits_name)
         self.logits_dtype = _NP_TYPES.get(logits_type, np.float32)
         self.vocab_size = int(self.meta["vocab_size"])
@@ -70,15 +74,29 @@ class OrtDecoder:
     def empty_past(self, batch: int) -> list[np.ndarray]:
         return [np.zeros(s, self.np_dtype) for s in self.cache_shapes(batch, 0)]
 
+    def shared_past(self, batch: int, length: int) -> list:
+        """Each layer's cache as one OrtValue of ``length`` positions, for ``run(..., past_len=...)`` to update
+        in place (GroupQueryAttention graphs only)."""
+        import onnxruntime as ort
+
+        if not self.shared_buffer:
+            raise ValueError(f"{self.folder}: this graph concatenates past and new keys; it has no shared buffer")
+        return [ort.OrtValue.ortvalue_from_numpy(np.zeros(s, self.np_dtype)) for s in self.cache_shapes(batch, length)]
+
     def run(self, input_ids: np.ndarray, past: list, logits_out: np.ndarray,
             attention_mask: np.ndarray | None = None, position_ids: np.ndarray | None = None,
-            last_only: bool = False) -> list:
+            last_only: bool = False, past_len: int | None = None) -> list:
         """One step through an IO binding. ``past``: per-layer OrtValues (a previous run's presents) or arrays;
         ``logits_out``: the buffer onnxruntime writes the logits into, (B, T, V), or (B, 1, V) with
-        ``last_only`` when the graph takes num_logits_to_keep (see ``logits_buffer``). Returns the presents as
-        OrtValues that stay in onnxruntime memory."""
+        ``last_only`` when the graph takes num_logits_to_keep (see ``logits_buffer``). ``past_len``: the valid
+        length of ``past`` when it is a ``shared_past`` buffer, updated in place (then returned as it is);
+        otherwise the presents come back as new OrtValues that stay in onnxruntime memory."""
         batch, seq = input_ids.shape
-        past_len = _length(past[0])
+        shared = past_len is not None
+        past_len = past_len if shared else _length(past[0])
+        if self.shared_buffer and attention_mask is not None and not _right_padded(attention_mask):
+            raise ValueError("this graph (GroupQueryAttention) takes right-padded rows only: each attention_mask "
+                             "row must be ones followed by zeros")
         io = self.session.io_binding()
         alive = [np.ascontiguousarray(input_ids, dtype=np.int64)]  # bound by pointer: kept until run returns
         io.bind_cpu_input("input_ids", alive[0])
@@ -107,10 +125,13 @@ class OrtDecoder:
                              f"({batch}, {rows}, {self.vocab_size}) {np.dtype(self.logits_dtype)}")
         io.bind_output(self.logits_name, "cpu", 0, self.logits_dtype, list(logits_out.shape),
                        logits_out.ctypes.data)
-        for name in self.present_names:
-            io.bind_output(name, "cpu")  # onnxruntime allocates; the values come back as OrtValues
+        for name, value in zip(self.present_names, past):
+            if shared:
+                io.bind_ortvalue_output(name, value)  # the same buffer: new keys/values written in place
+            else:
+                io.bind_output(name, "cpu")  # onnxruntime allocates; the values come back as OrtValues
         self.session.run_with_iobinding(io)
-        return io.get_outputs()[1:]
+        return past if shared else io.get_outputs()[1:]
 
     def logits_buffer(self, batch: int, seq: int, last_only: bool = False) -> np.ndarray:
         return np.empty((batch, 1 if last_only and self.takes_keep else seq, self.vocab_size), self.logits_dtype)
@@ -137,31 +158,71 @@ class OrtDecoder:
 
         return logits
 
+    def prefill(self, input_ids: np.ndarray, max_new_tokens: int) -> tuple["Cache", np.ndarray]:
+        """Run a prompt (B, T); returns the cache ``step`` continues from and the last position's logits (B, V).
+        A GroupQueryAttention graph gets one buffer per layer at the final length (prompt + max_new_tokens,
+        at most the context), written in place from then on."""
+        ids = np.asarray(input_ids, dtype=np.int64)
+        batch, length = ids.shape
+        logits = self.logits_buffer(batch, length, last_only=True)
+        if self.shared_buffer:
+            total = length + max_new_tokens
+            past = self.shared_past(batch, max(min(total, self.context_length or total), length))
+            self.run(ids, past, logits, last_only=True, past_len=0)
+        else:
+            past = self.run(ids, self.empty_past(batch), logits, last_only=True)
+        return Cache(past, length, self.logits_buffer(batch, 1)), logits[:, -1]
+
+    def step(self, cache: "Cache", tokens: np.ndarray) -> np.ndarray:
+        """One decode step for tokens (B,); returns the new last logits (B, V) (a view of the cache's buffer)."""
+        ids = np.asarray(tokens, dtype=np.int64).reshape(-1, 1)
+        if self.shared_buffer:
+            if cache.length >= _length(cache.past[0]):
+                raise ValueError(f"the cache holds {cache.length} positions and is full: prefill with a larger "
+                                 "max_new_tokens")
+            self.run(ids, cache.past, cache.logits, past_len=cache.length)
+        else:
+            cache.past = self.run(ids, cache.past, cache.logits)
+        cache.length += 1
+        return cache.logits[:, -1]
+
     def generate(self, input_ids: np.ndarray, max_new_tokens: int, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int = 0, seed: int = 0, eos_token_id: int | None = None
                  ) -> np.ndarray:
         """Prefill the prompt, then decode one token at a time; the cache never leaves onnxruntime."""
         rng = np.random.default_rng(seed)
         ids = np.asarray(input_ids, dtype=np.int64)
-        batch = ids.shape[0]
-        prefill = self.logits_buffer(batch, ids.shape[1], last_only=True)
-        past = self.run(ids, self.empty_past(batch), prefill, last_only=True)
-        last, step = prefill[:, -1], self.logits_buffer(batch, 1)
+        cache, last = self.prefill(ids, max_new_tokens)
         out = [ids]
-        for _ in range(max_new_tokens):
+        for i in range(max_new_tokens):
             nxt = pick_next(last.astype(np.float64), do_sample, temperature, top_k, rng)
             out.append(nxt[:, None])
-            if eos_token_id is not None and (nxt == eos_token_id).all():
+            if (eos_token_id is not None and (nxt == eos_token_id).all()) or i == max_new_tokens - 1:
                 break
-            past = self.run(nxt[:, None], past, step)
-            last = step[:, -1]
+            if self.shared_buffer and cache.length >= _length(cache.past[0]):
+                break  # the context is full
+            last = self.step(cache, nxt)
         return np.concatenate(out, axis=1)
+
+
+@dataclass
+class Cache:
+    """A generation's KV cache (per-layer OrtValues), its valid length, and the step logits buffer (B, 1, V)."""
+    past: list
+    length: int
+    logits: np.ndarray
 
 
 def _length(value) -> int:
     """Sequence length (dim 2) of a cache tensor: a numpy array or an OrtValue."""
     shape = value.shape if isinstance(value, np.ndarray) else value.shape()
     return int(shape[2])
+
+
+def _right_padded(mask: np.ndarray) -> bool:
+    """Every row is ones then zeros (what GroupQueryAttention's seqlens_k can express)."""
+    m = np.asarray(mask) != 0
+    return bool((m[:, 1:] <= m[:, :-1]).all())
 
 
 def pick_next(logits: np.ndarray, do_sample: bool, temperature: float, top_k: int, rng) -> np.ndarray:
