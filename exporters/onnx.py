@@ -53,8 +53,13 @@ def options(model, ctx: ExportContext) -> GraphOptions:
     dtype = {"float32": torch.float32, "float16": torch.float16}[ctx.dtype]
     qc = getattr(model.config, "quantization_config", None) or {}
     block = qc.get("group_size", 32) if qc.get("group_size", -1) > 0 else 32
+    head = ctx.extra.get("lm_head", "float")
+    embedding = ctx.extra.get("embedding", "float")
+    if embedding == "auto":  # a tied table is read from the quantized lm_head's data (written once), else float
+        quantized = f"int{model.lm_head.bits}" if isinstance(model.lm_head, QuantLinear) else head
+        embedding = quantized if model.config.tie_word_embeddings and quantized != "float" else "float"
     return GraphOptions(dtype=dtype, accuracy_level=int(ctx.extra.get("accuracy_level", DEFAULT_ACCURACY_LEVEL)),
-                        embedding=ctx.extra.get("embedding", "float"), lm_head=ctx.extra.get("lm_head", "float"),
+                        embedding=embedding, lm_head=head,
                         block_size=int(ctx.extra.get("head_block_size", block)),
                         pad_value_cache=bool(ctx.extra.get("pad_value_cache", False)),
                         attention=ctx.extra.get("attention", "gqa"))

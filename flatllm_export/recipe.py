@@ -126,10 +126,11 @@ class ExportSection(Strict):
     accuracy_level: Literal[0, 1, 2, 3, 4] = Field(0, description="MatMulNBits accuracy_level for int4 ONNX")
     embedding: Literal["auto", "float", "int8", "int4"] = Field(
         "auto", description="ONNX embedding table: float, or block-quantized (GatherBlockQuantized, symmetric RTN; "
-                            "a tied table is read from the lm_head's data); auto: float for now")
+                            "a tied table is read from the lm_head's data); auto: a tied table read from a quantized lm_head, else float")
     lm_head: Literal["auto", "float", "int8", "int4"] = Field(
         "auto", description="lm_head: float or block-quantized (MatMulNBits in ONNX); GPTQ-calibrated when the recipe "
-                            "has a quantization section of the same bits, else round-to-nearest at export; auto: float")
+                            "has a quantization section of the same bits, else round-to-nearest at export; auto: GPTQ at the "
+                            "quantization's bits (4 or 8), else float")
     pad_value_cache: bool = Field(False, description="ONNX value cache padded to the key head dim (what "
                                                      "onnxruntime-genai allocates); the genai target and "
                                                      "attention: gqa always pad")
@@ -258,9 +259,15 @@ class Recipe(Strict):
         return self
 
     def head_format(self, which: str) -> str:
-        """export.embedding / export.lm_head resolved: float, int8 or int4."""
+        """export.embedding / export.lm_head resolved: float, int8 or int4. ``auto`` lm_head: the quantization's
+        own bits when the recipe GPTQ-quantizes to 4 or 8 bits (then GPTQ-calibrated like the decoder), else
+        float. ``auto`` embedding stays ``auto`` for the exporter: a tied table is read from the quantized
+        lm_head's data (no extra bytes), an untied one stays float."""
         value = getattr(self.export, which) if self.export else "auto"
-        return "float" if value == "auto" else value  # auto stays float until the quantized head is the default
+        if value != "auto" or which == "embedding":
+            return value
+        q = self.quantization
+        return f"int{q.bits}" if q is not None and q.bits in (4, 8) else "float"
 
 
 def _format_errors(exc: ValidationError, source: str) -> str:

@@ -278,3 +278,25 @@ def test_gptq_lm_head_is_calibrated_reloads_and_exports_exactly(tmp_path):
         assert torch.equal(load_model(str(tmp_path / "gptq"))(ids).logits, model(ids).logits)
     onnx_rep = export("onnx", model, None, tmp_path / "onnx", ExportContext(extra={"lm_head": "int4"}))
     assert onnx_rep["lm_head"] == "int4-gptq" and onnx_rep["max_abs_logit_diff"] < 1e-4
+
+
+def test_tied_model_with_gptq_lm_head_round_trips_and_exports_one_table(tmp_path):
+    # a tied model whose lm_head is GPTQ'd: the checkpoint keeps the float embedding apart from the quantized head
+    # (no tie on reload), and the ONNX export (embedding auto) reads the embedding from the head's int4 table
+    model = tie(load_model("ref-gqa"))
+    calib = windows("ref-gqa", split="train")[:4]
+    quantize_model(model, calib, QuantizationSection(bits=4, group_size=32), lm_head_bits=4)
+    export("gptq", model, None, tmp_path / "gptq", ExportContext())
+    reloaded = load_model(str(tmp_path / "gptq"))
+    assert reloaded.config.tie_word_embeddings and type(reloaded.lm_head).__name__ == "QuantLinear"
+    ids = windows("ref-gqa", n=1)[:1, :32]
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, model(ids).logits)
+    rep = export("onnx", reloaded, None, tmp_path / "onnx", ExportContext(extra={"embedding": "auto"}))
+    assert rep["embedding"] == "int4" and rep["lm_head"] == "int4-gptq"
+    proto, ops = op_counts(tmp_path / "onnx")
+    vocab, hidden = model.model.embed_tokens.weight.shape
+    shapes = [(t.data_type, list(t.dims)) for t in proto.graph.initializer if t.dims and t.dims[0] == vocab]
+    packed = [d for d in shapes if d[0] == onnx.TensorProto.UINT8]  # the int4 table, (vocab, blocks, 16)
+    assert ops["GatherBlockQuantized"] == 1 and len(packed) == 1, shapes
+    assert (onnx.TensorProto.FLOAT, [vocab, hidden]) not in shapes  # no float embedding table

@@ -137,9 +137,12 @@ def load_model(path: str, dtype: str = "float32", device: str = "cpu") -> FlatLl
                   f"sequence, which is the same only for sequences of at most {window} tokens")
         config = flat_config_from_hf(hf_config)
     state = read_safetensors(folder)
-    if config.tie_word_embeddings:
-        state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
     quant = raw.get("quantization_config")
+    # a GPTQ-quantized lm_head is its own tensor: the float embedding is not tied to it (the config keeps
+    # tie_word_embeddings, so an ONNX export still writes one quantized table for both)
+    tied = config.tie_word_embeddings and not (quant or {}).get("lm_head")
+    if tied:
+        state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
     if quant is not None:
         if quant.get("quant_method") != "gptq":
             raise ModelLoadError(f"{config_file} is quantized with '{quant.get('quant_method')}'; only gptq "
@@ -160,7 +163,7 @@ def load_model(path: str, dtype: str = "float32", device: str = "cpu") -> FlatLl
             raise ModelLoadError(f"weights in {folder} do not match its config.json: missing {missing[:5]}, "
                                  f"unexpected {unexpected[:5]}")
         model.model.rotary_emb = type(model.model.rotary_emb)(config=config)  # rebuild buffers off the meta device
-    if config.tie_word_embeddings:
+    if tied:
         model.tie_weights()
     try:
         model.to(device=device, dtype=DTYPES[dtype])
