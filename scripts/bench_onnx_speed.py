@@ -213,29 +213,49 @@ def builds(args, tok, calib, windows) -> list[dict]:
 
 # ---- measure ------------------------------------------------------------------------------------------------
 
-def measure(row: dict, inputs: Path, args) -> dict:
+def measure(row: dict, inputs: Path, args, ppl: bool = True) -> dict:
     cmd = [sys.executable, str(MEASURE), row["runtime"], row["path"], "--inputs", str(inputs), "--threads",
            str(args.threads), "--new", str(args.new), "--new-long", str(args.new_long)]
-    cmd += ["--no-ppl"] if row.get("skip_ppl") else []
+    cmd += ["--no-ppl"] if row.get("skip_ppl") or not ppl else []
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if res.returncode:
         return {"note": "failed: " + res.stderr.strip().splitlines()[-1][:200]}
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+TIMED = ("prefill_ms", "decode_tok_s", "decode_long_tok_s", "peak_rss_mb")
+
+
 def measure_all(rows: list[dict], inputs: Path, args, cached_only: bool = False) -> list[dict]:
+    """Every row ``--rounds`` times, round-robin (row 1..n, then again), so a change of load on the shared
+    machine hits every row alike; the timed figures are the medians over rounds, perplexity is from round 1."""
     cache_path = CACHE / "results.json"
     cache = json.loads(cache_path.read_text()) if cache_path.exists() else {}
-    for row in rows:
-        key = f"{row['path']}|{row['runtime']}|{inputs.name}|{args.new}|{args.new_long}|{args.threads}"
-        if "cannot run" in row.get("note", "") or (cached_only and key not in cache):
-            continue
-        if key not in cache or (args.remeasure and not cached_only):
-            cache[key] = {**measure(row, inputs, args), "measured": time.strftime("%Y-%m-%d %H:%M")}
+    keys = [f"{row['path']}|{row['runtime']}|{inputs.name}|{args.new}|{args.new_long}|{args.threads}" for row in rows]
+    todo = [] if cached_only else [k for k in keys if k not in cache or args.remeasure]
+    for k in todo:
+        cache[k] = {"rounds": []}
+    for rnd in range(args.rounds):
+        for row, key in zip(rows, keys):
+            if key not in todo or "cannot run" in row.get("note", ""):
+                continue
+            got = measure(row, inputs, args, ppl=rnd == 0)
+            cache[key]["rounds"].append(got)
+            cache[key]["measured"] = time.strftime("%Y-%m-%d %H:%M")
             cache_path.write_text(json.dumps(cache, indent=1) + "\n")
-        row.update(cache[key])
+            print(f"round {rnd + 1}/{args.rounds}", row["export"], row["runtime"],
+                  {k: v for k, v in got.items() if k != "tokens"}, flush=True)
+    for row, key in zip(rows, keys):
+        if key not in cache:
+            continue
+        rounds = cache[key].get("rounds") or [cache[key]]  # older cache entries: one measurement
+        row.update(rounds[0])
+        for f in TIMED:
+            vals = [r[f] for r in rounds if f in r]
+            if vals:
+                row[f] = float(np.median(vals))
+        row["rounds"] = len(rounds)
         row["file MB"] = file_mb(Path(row["path"]))
-        print({k: v for k, v in row.items() if k not in ("path", "tokens")}, flush=True)
     for ours, genai in zip(rows, rows[1:]):  # same export, both runtimes: do they pick the same greedy tokens?
         if ours["export"] == genai["export"] and "tokens" in ours and "tokens" in genai:
             same = int(np.cumprod(np.array(ours["tokens"]) == np.array(genai["tokens"])).sum())
@@ -295,8 +315,9 @@ def report(rows: list[dict], args, scaled_md: str) -> None:
     add_ratios(rows)
     md = (f"SmolLM2-135M-Instruct (30 layers, hidden 576, 9 query / 3 KV heads, vocab 49152, tied embedding; "
           f"weights dequantized from the Q4_1 GGUF, so every variant starts from the same dequantized model). "
-          f"Batch 1, {args.threads} threads, each row in a fresh process. prefill = {args.prompt}-token prompt "
-          f"(median of 3); decode_tok_s = 1 / median step time over {args.new} greedy tokens after it; "
+          f"Batch 1, {args.threads} threads, each measurement in a fresh process; every row measured "
+          f"{args.rounds} times round-robin (all rows, then all again), the timed columns are medians over the "
+          f"rounds. prefill = {args.prompt}-token prompt (median of 3); decode_tok_s = 1 / median step time over {args.new} greedy tokens after it; "
           f"decode_long_tok_s = the same over {args.new_long} tokens after a {args.context}-token prompt. ppl: "
           f"{args.windows} windows of {args.seqlen} tokens of the test plays, computed by the row's runtime; "
           f"'ppl PyTorch' is the in-memory model on the same windows. Our int4 = GPTQ (sym, group {GROUP}, "
@@ -393,6 +414,7 @@ def main() -> None:
                          "flatllm-30-int4-gptqhead-a0, dense-int4-a4 (RTN head), ...")
     ap.add_argument("--scaled", action="store_true", help="also measure the scaled random-weight model")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3, help="measurements per row, round-robin; medians reported")
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--context", type=int, default=1024)
@@ -405,7 +427,7 @@ def main() -> None:
                     help="MatMulNBits accuracy_level of our int4 rows (the '..., accuracy_level 0' rows compare)")
     args = ap.parse_args()
     if args.quick:
-        args.new, args.new_long, args.windows = 32, 8, 2
+        args.new, args.new_long, args.windows, args.rounds = 32, 8, 2, 1
     torch.set_num_threads(args.threads)
     CACHE.mkdir(parents=True, exist_ok=True)
     tok = load_tokenizer(MODEL)

@@ -180,11 +180,29 @@ class OrtDecoder:
             if cache.length >= _length(cache.past[0]):
                 raise ValueError(f"the cache holds {cache.length} positions and is full: prefill with a larger "
                                  "max_new_tokens")
-            self.run(ids, cache.past, cache.logits, past_len=cache.length)
+            if cache.binding is None:  # bound once: caches (as past and present) and the logits buffer
+                cache.binding = self._bind_cache(cache)
+            cache.inputs = (ids, np.ones((ids.shape[0], cache.length + 1), np.int64))  # alive until the next step
+            cache.binding.bind_cpu_input("input_ids", cache.inputs[0])
+            cache.binding.bind_cpu_input("attention_mask", cache.inputs[1])
+            self.session.run_with_iobinding(cache.binding)
         else:
             cache.past = self.run(ids, cache.past, cache.logits)
         cache.length += 1
         return cache.logits[:, -1]
+
+    def _bind_cache(self, cache: "Cache"):
+        """An IO binding a decode step reuses: each layer's buffer as its past and its present, the step logits
+        buffer as the output; a step then rebinds only input_ids and attention_mask."""
+        io = self.session.io_binding()
+        for past, present, value in zip(self.past_names, self.present_names, cache.past):
+            io.bind_ortvalue_input(past, value)
+            io.bind_ortvalue_output(present, value)
+        if self.takes_keep:
+            cache.keep = np.array(0, np.int64)
+            io.bind_cpu_input(KEEP_INPUT, cache.keep)
+        io.bind_output(self.logits_name, "cpu", 0, self.logits_dtype, list(cache.logits.shape), cache.logits.ctypes.data)
+        return io
 
     def generate(self, input_ids: np.ndarray, max_new_tokens: int, do_sample: bool = False,
                  temperature: float = 1.0, top_k: int = 0, seed: int = 0, eos_token_id: int | None = None
@@ -207,10 +225,14 @@ class OrtDecoder:
 
 @dataclass
 class Cache:
-    """A generation's KV cache (per-layer OrtValues), its valid length, and the step logits buffer (B, 1, V)."""
+    """A generation's KV cache (per-layer OrtValues), its valid length, the step logits buffer (B, 1, V), and
+    (shared buffers) the IO binding every step reuses with the arrays it points to."""
     past: list
     length: int
     logits: np.ndarray
+    binding: object = None
+    inputs: tuple = ()
+    keep: object = None
 
 
 def _length(value) -> int:
