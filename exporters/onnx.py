@@ -32,7 +32,7 @@ from . import ExportContext, ExportError, register
 from .onnx_graph import OPSET, GraphDecoder, GraphOptions, finalize
 from .onnx_ops import TMP_DOMAIN
 
-DEFAULT_ACCURACY_LEVEL = 0
+DEFAULT_ACCURACY_LEVEL = 4  # int8 activations: measured faster for +0.5% ppl (README, Speed)
 
 
 def io_names(n_layers: int, positions: bool = False) -> tuple[list[str], list[str]]:

@@ -61,19 +61,20 @@ def test_compressed_fp32_parity(tmp_path, name, ratio, attention):
     check(res)
 
 
-@pytest.mark.parametrize("name", ["ref-llama", "ref-gqa"])
-def test_int4_matmulnbits_parity_with_the_gptq_model(tmp_path, name):
+@pytest.mark.parametrize("name,level", [("ref-llama", 0), ("ref-gqa", 4)])
+def test_int4_matmulnbits_parity_with_the_gptq_model(tmp_path, name, level):
+    # level 0: float32 activations, the exact twin of the GPTQ model; 4 (the default): int8 activations
     model = load_model(name)
     calib = windows(name, split="train")
     compress_flatllm(model, calib, 0.3, "iprs", linear_multiple=32)
     quantize_model(model, calib, QuantizationSection(bits=4, group_size=32))
-    rep = export("onnx", model, None, tmp_path / "onnx", ExportContext())
+    rep = export("onnx", model, None, tmp_path / "onnx", ExportContext(extra={"accuracy_level": level}))
     assert rep["int4"]
     graph = onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph
     n_nbits = sum(n.op_type == "MatMulNBits" for n in graph.node)
     assert n_nbits == 4 * model.config.num_hidden_layers  # fused q/k/v and gate/up, o_proj, down_proj
     res = parity(model, [onnx_runtime(tmp_path / "onnx")], {"test": windows(name)}, SETTINGS)
-    check(res)
+    check(res, "fp32" if level == 0 else "int8")
 
 
 def test_dense_reference_export_matches_pytorch_and_fp16_runs(tmp_path):
@@ -254,7 +255,8 @@ def test_flatllm_int4_with_padded_value_cache_generates_in_onnxruntime_genai(tmp
     compress_flatllm(model, calib, 0.3, "iprs", linear_multiple=32)
     quantize_model(model, calib, QuantizationSection(bits=4, group_size=32))
     assert {s["v_head_dim"] for s in model.config.layer_shapes} != {model.config.head_dim}
-    rep = export("genai", model, load_tokenizer("ref-gqa"), tmp_path / "genai", ExportContext())
+    rep = export("genai", model, load_tokenizer("ref-gqa"), tmp_path / "genai",
+                 ExportContext(extra={"accuracy_level": 0}))  # float32 activations: greedy equal to PyTorch's
     assert rep["int4"] and rep["genai_check"].startswith("8 greedy")
     meta = json.loads((tmp_path / "genai" / "flatllm_onnx.json").read_text())
     assert all(m["value_dim"] == m["key_dim"] for m in meta["layers"])
@@ -276,7 +278,8 @@ def test_gptq_lm_head_is_calibrated_reloads_and_exports_exactly(tmp_path):
     ids = windows("ref-gqa", n=1)[:1, :32]
     with torch.no_grad():
         assert torch.equal(load_model(str(tmp_path / "gptq"))(ids).logits, model(ids).logits)
-    onnx_rep = export("onnx", model, None, tmp_path / "onnx", ExportContext(extra={"lm_head": "int4"}))
+    onnx_rep = export("onnx", model, None, tmp_path / "onnx",
+                      ExportContext(extra={"lm_head": "int4", "accuracy_level": 0}))
     assert onnx_rep["lm_head"] == "int4-gptq" and onnx_rep["max_abs_logit_diff"] < 1e-4
 
 
