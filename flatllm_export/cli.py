@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from .recipe import RecipeError, load_recipe
@@ -45,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-k", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    # `kill PID` (SIGTERM) ends the run like Ctrl-C: the unfinished output is removed on the way out
+    previous = signal.signal(signal.SIGTERM, _terminated) if threading.current_thread() is threading.main_thread() \
+        else None
     try:
         if args.command == "import-gguf":
             from .modeling.gguf_import import import_gguf
@@ -81,12 +87,39 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: cross-runtime parity failed (see {args.output}/report.md):\n{failures}", file=sys.stderr)
             return 3
         return 0
-    except (RecipeError, FileExistsError, FileNotFoundError, ValueError, RuntimeError) as exc:
+    except (RecipeError, ValueError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: no output folder was completed", file=sys.stderr)
-        return 130
+    except OSError as exc:  # unwritable folder, disk full, a file removed under us: name the file, no traceback
+        print(f"error: {_os_message(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:
+        where = f"; {args.output} was not written" if args.command == "run" else ""
+        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        print(f"{what}{where}: no output folder was completed", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the run is, so every ``with`` block cleans up as on Ctrl-C."""
+
+
+def _terminated(signum, frame):
+    raise Terminated
+
+
+def _os_message(exc: OSError) -> str:
+    if exc.errno is None or exc.strerror is None:  # our own messages (OutputError, FileExistsError ...)
+        return str(exc)
+    where = f" {exc.filename}" if exc.filename else ""
+    hint = {errno.ENOSPC: "free disk space or choose another --output",
+            errno.EFBIG: "the file system refused a file this large: choose another --output",
+            errno.EACCES: "choose a path you can write to", errno.EPERM: "choose a path you can write to",
+            errno.EROFS: "the file system is read-only: choose another --output"}.get(exc.errno, "")
+    return f"cannot access{where}: {exc.strerror}" + (f"; {hint}" if hint else "")
 
 
 if __name__ == "__main__":

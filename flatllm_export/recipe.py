@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from . import data
 from .modeling.gguf_import import inspect_gguf
-from .modeling.loading import DTYPES, SHORT_NAMES
+from .modeling.loading import DTYPES, SHORT_NAMES, check_model_folder
 from .parity import DEFAULT_K
 
 
@@ -22,7 +22,7 @@ class RecipeError(ValueError):
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, strict=True)  # "0.3" is not a number here
 
 
 def _check_dataset(value: str) -> str:
@@ -41,7 +41,10 @@ class ModelSection(Strict):
     @field_validator("path")
     @classmethod
     def _path(cls, v: str) -> str:
-        if v in SHORT_NAMES or os.path.isdir(os.path.expanduser(v)):
+        if v in SHORT_NAMES:
+            return v
+        if os.path.isdir(os.path.expanduser(v)):
+            check_model_folder(os.path.expanduser(v))  # config.json readable and supported, weights present
             return v
         if v.endswith(".gguf"):
             inspect_gguf(os.path.expanduser(v))  # exists, is GGUF, is whole, is llama / mistral
