@@ -10,7 +10,7 @@ import sys
 import threading
 from pathlib import Path
 
-from .recipe import RecipeError, load_recipe
+# nothing heavy is imported before main()'s try: a Ctrl-C while torch loads is handled like any other
 
 
 def _recipe_args(p: argparse.ArgumentParser) -> None:
@@ -69,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
             print(generate_text(args.dir, args.prompt, args.runtime, args.max_new_tokens, args.sample,
                                 args.temperature, args.top_k, args.seed))
             return 0
+        from .recipe import load_recipe
+
         recipe = load_recipe(args.recipe, args.overrides)
         for warning in recipe.warnings():
             print(f"warning: {warning}", file=sys.stderr)
@@ -87,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: cross-runtime parity failed (see {args.output}/report.md):\n{failures}", file=sys.stderr)
             return 3
         return 0
-    except (RecipeError, ValueError, RuntimeError) as exc:
+    except (ValueError, RuntimeError) as exc:  # RecipeError, ModelLoadError, ExportError ...
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # unwritable folder, disk full, a file removed under us: name the file, no traceback
