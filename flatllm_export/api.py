@@ -39,7 +39,7 @@ def _evaluate(model, recipe: Recipe, windows: torch.Tensor, desc: str) -> dict:
 
 def run(recipe: Recipe, output: str | Path, overwrite: bool = False, keep_failed: bool = False) -> dict:
     """Run every section the recipe has; returns the report (also written as report.json / report.md)."""
-    out = OutputDir(output, overwrite, keep_failed)
+    out = OutputDir(output, overwrite, keep_failed, marker="report.json")
     out.check()  # before any work
     log = StageLog()
     rep: dict = {"format": RUN_FORMAT, "recipe": recipe.model_dump(exclude_none=True), "started": time.strftime("%Y-%m-%d %H:%M:%S"),

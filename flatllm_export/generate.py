@@ -38,6 +38,8 @@ def generate_text(folder, prompt: str, runtime: str = "auto", max_new_tokens: in
     kind, path = resolve(folder, runtime)
     tok = load_tokenizer(str(path))
     ids = np.array([tok(prompt)["input_ids"]], dtype=np.int64)
+    if ids.size == 0:
+        raise ValueError(f"--prompt {prompt!r} gives no tokens (this tokenizer adds no BOS token): give some text")
     if kind == "onnxruntime":
         out = OrtDecoder(path).generate(ids, max_new_tokens, sample, temperature, top_k, seed, tok.eos_token_id)
     elif kind == "onnxruntime-genai":

@@ -300,11 +300,14 @@ def parse_recipe(raw: dict, source: str = "<dict>") -> Recipe:
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     path = Path(path)
     if not path.is_file():
-        raise RecipeError(f"recipe file {path} does not exist")
+        raise RecipeError(f"recipe file {path} " + ("is a folder: give a .yaml file" if path.is_dir() else
+                                                    "does not exist"))
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise RecipeError(f"recipe {path} is not valid YAML: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"recipe {path} is not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
     return parse_recipe(apply_overrides(raw or {}, list(overrides)), str(path))
 
 

@@ -101,16 +101,22 @@ class OutputDir:
 
     LOCK = ".lock"
 
-    def __init__(self, final: str | Path, overwrite: bool = False, keep_failed: bool = False):
-        self.final = Path(final)
+    def __init__(self, final: str | Path, overwrite: bool = False, keep_failed: bool = False,
+                 marker: str | None = None):
+        self.final = Path(os.path.abspath(os.path.expanduser(final)))  # "." and "x/.." have no name of their own
         self.work = self.final.with_name(self.final.name + ".partial")
-        self.overwrite, self.keep_failed = overwrite, keep_failed
+        self.overwrite, self.keep_failed, self.marker = overwrite, keep_failed, marker
         self._lock = None
 
     def check(self) -> None:
-        if self.final.exists() and not self.overwrite:
+        if not self.final.exists():
+            return
+        if not self.overwrite:
             raise FileExistsError(f"output directory {self.final} exists; choose another --output or pass "
                                   "--overwrite to replace it")
+        if self.marker and not (self.final / self.marker).is_file():  # a model folder, the repo, a home folder ...
+            raise FileExistsError(f"--overwrite replaces only an earlier output of this command, and {self.final} is "
+                                  f"not one (it has no {self.marker}): remove it yourself or choose another --output")
 
     def _take_lock(self, folder: Path):
         """An exclusive lock on folder/.lock, or None when another live process holds it."""

@@ -372,3 +372,34 @@ def test_unfinished_or_missing_folder_is_not_mistaken(capsys, tmp_path, finished
     assert rc == 2 and "nowhere is not a folder" in err
     rc, err = main_err(capsys, "validate", finished_run)  # the unedited folder passes
     assert rc == 0, err
+
+
+def test_overwrite_replaces_only_an_earlier_output(capsys, monkeypatch, tmp_path, tiny_model_dir, text_file):
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model)
+    recipe = write_recipe(tmp_path, tiny_recipe(model, text_file))
+    before = sorted(p.name for p in model.iterdir())
+    rc, err = main_err(capsys, "run", recipe, "--output", model, "--overwrite")  # the input model itself
+    assert rc == 2 and f"--overwrite replaces only an earlier output of this command, and {model} is not one" in err
+    monkeypatch.chdir(tmp_path)
+    rc, err = main_err(capsys, "run", recipe, "--output", ".", "--overwrite")  # the current folder
+    assert rc == 2 and f"{tmp_path} is not one (it has no report.json)" in err
+    assert sorted(p.name for p in model.iterdir()) == before and not (tmp_path / "model.old").exists()
+    rc, err = main_err(capsys, "run", recipe, "--output", "out")
+    assert rc == 0 and (tmp_path / "out" / "report.json").is_file()
+    rc, err = main_err(capsys, "run", recipe, "--output", "out", "--overwrite")  # an earlier run: replaced
+    assert rc == 0 and not (tmp_path / "out.old").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_recipe_file_that_is_a_folder_or_binary(capsys, tmp_path):
+    rc, err = main_err(capsys, "check", tmp_path)
+    assert rc == 2 and f"recipe file {tmp_path} is a folder: give a .yaml file" in err
+    (tmp_path / "r.yaml").write_bytes(b"\xff\xfe\x00model")
+    rc, err = main_err(capsys, "check", tmp_path / "r.yaml")
+    assert rc == 2 and "is not a UTF-8 text file (invalid start byte at byte 0)" in err
+
+
+def test_empty_prompt(capsys, finished_run):
+    for runtime in ("onnxruntime", "torch"):
+        rc, err = main_err(capsys, "generate", finished_run, "--prompt", "", "--runtime", runtime)
+        assert rc == 2 and "--prompt '' gives no tokens" in err, err
