@@ -42,7 +42,8 @@ def run(recipe: Recipe, output: str | Path, overwrite: bool = False, keep_failed
     out = OutputDir(output, overwrite, keep_failed, marker="report.json")
     out.check()  # before any work
     log = StageLog()
-    rep: dict = {"format": RUN_FORMAT, "recipe": recipe.model_dump(exclude_none=True), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    rep: dict = {"format": RUN_FORMAT, "recipe": recipe.model_dump(exclude_none=True),
+                 "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                  "environment": {"python": platform.python_version(), "torch": torch.__version__,
                                  "host": platform.machine()}}
     if recipe.warnings():

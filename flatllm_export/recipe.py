@@ -277,6 +277,8 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             raise RecipeError(f"--set '{item}' must look like KEY.PATH=VALUE, e.g. compression.ratio=0.5")
         key, value = item.split("=", 1)
         parts = key.strip().split(".")
+        if "" in parts:
+            raise RecipeError(f"--set '{item}': the key path '{key}' has an empty part; write e.g. compression.ratio=0.5")
         node = raw
         for p in parts[:-1]:
             if node.get(p) is None:
@@ -308,7 +310,10 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
         raise RecipeError(f"recipe {path} is not valid YAML: {exc}") from None
     except UnicodeDecodeError as exc:
         raise RecipeError(f"recipe {path} is not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
-    return parse_recipe(apply_overrides(raw or {}, list(overrides)), str(path))
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):  # before the overrides, which walk sections
+        return parse_recipe(raw, str(path))
+    return parse_recipe(apply_overrides(raw, list(overrides)), str(path))
 
 
 def dump_recipe(recipe: Recipe) -> str:

@@ -114,6 +114,8 @@ def test_tokenizing_a_corpus_does_not_warn_about_length(caplog):
     ("model=ref-llama", "model: Input should be a valid dictionary"),
     ("ratio", "must look like KEY.PATH=VALUE"),
     ("model.path.x=1", "'path' is a value, not a section"),
+    ("compression..ratio=0.5", "the key path 'compression..ratio' has an empty part"),
+    ("=0.5", "the key path '' has an empty part"),
 ])
 def test_bad_overrides(override, message):
     with pytest.raises(RecipeError, match=message):
@@ -123,6 +125,11 @@ def test_bad_overrides(override, message):
 def test_recipe_that_is_not_a_mapping(tmp_path):
     bad = tmp_path / "list.yaml"
     bad.write_text(yaml.safe_dump([{"model": {"path": "ref-llama"}}]))
+    with pytest.raises(RecipeError, match="must be a YAML mapping of sections"):
+        load_recipe(bad)
+    with pytest.raises(RecipeError, match="must be a YAML mapping of sections"):
+        load_recipe(bad, ["compression.ratio=0.5"])  # overrides do not walk into a list
+    bad.write_text("just a sentence\n")
     with pytest.raises(RecipeError, match="must be a YAML mapping of sections"):
         load_recipe(bad)
 
