@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import errno
 import json
-import signal
 import sys
-import threading
 from pathlib import Path
+
+from . import interrupts
 
 # nothing heavy is imported before main()'s try: a Ctrl-C while torch loads is handled like any other
 
@@ -48,9 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-k", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    # `kill PID` (SIGTERM) ends the run like Ctrl-C: the unfinished output is removed on the way out
-    previous = signal.signal(signal.SIGTERM, _terminated) if threading.current_thread() is threading.main_thread() \
-        else None
+    # Ctrl-C and `kill PID` (SIGTERM) end the work where it is: the unfinished output is removed on the way out
+    restore = interrupts.install()
     try:
         if args.command == "import-gguf":
             from .modeling.gguf_import import import_gguf
@@ -97,20 +96,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except KeyboardInterrupt as exc:
         where = f"; {args.output} was not written" if args.command == "run" else ""
-        what = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        what = "terminated (SIGTERM)" if isinstance(exc, interrupts.Terminated) else "interrupted"
         print(f"{what}{where}: no output folder was completed", file=sys.stderr)
-        return 143 if isinstance(exc, Terminated) else 130
+        return 143 if isinstance(exc, interrupts.Terminated) else 130
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the run is, so every ``with`` block cleans up as on Ctrl-C."""
-
-
-def _terminated(signum, frame):
-    raise Terminated
+        restore()
 
 
 def _os_message(exc: OSError) -> str:

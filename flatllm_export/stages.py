@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from .interrupts import raise_pending
+
 
 def _rss_bytes() -> int:
     try:
@@ -57,8 +59,10 @@ class StageLog:
     def stage(self, name: str):
         entry: dict = {}
         t0 = time.time()
+        raise_pending()  # a Ctrl-C some library swallowed stops the run here at the latest
         with PeakMemory() as mem:
             yield entry
+        raise_pending()
         entry.update(seconds=round(time.time() - t0, 2), peak_rss_mb=round(mem.peak / 2**20, 1))
         if torch.cuda.is_available():
             entry["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
