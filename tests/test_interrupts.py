@@ -26,7 +26,8 @@ def start(*args, patch: str = "") -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     started = time.time() - 0.01  # file times may be rounded down a little
     proc = subprocess.Popen([sys.executable, "-c", PRELUDE.format(patch=patch), *map(str, args)], cwd=ROOT,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     proc.started = started
     return proc
 
@@ -159,7 +160,7 @@ def test_interrupt_in_every_stage(setup):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     warm = {"recipe": recipe_file(folder, "all", recipes["all"]), "output": str(folder / "warm")}
     res = subprocess.run([sys.executable, "-c", STAGE_RUNNER, json.dumps([warm, cases])], cwd=ROOT, env=env,
-                         capture_output=True, text=True, timeout=600)
+                         stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-3000:]
     for case, got in zip(cases, json.loads(res.stdout.strip().splitlines()[-1])):
         name = f"{case['signal']} in {case['stage']}"
