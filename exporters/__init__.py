@@ -69,6 +69,9 @@ def missing_requirement(target: str) -> str | None:
 
 
 def export(name: str, model, tokenizer, out: Path, ctx: ExportContext) -> dict:
+    from flatllm_export.stages import write_errors
+
     if name not in EXPORTERS:
         importlib.import_module(f"{__name__}.{TARGETS[name][0]}")
-    return EXPORTERS[name](model, tokenizer, Path(out), ctx)
+    with write_errors(Path(out)):
+        return EXPORTERS[name](model, tokenizer, Path(out), ctx)

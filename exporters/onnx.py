@@ -26,13 +26,14 @@ import torch
 from flatllm_export.evaluate import torch_logits_fn
 from flatllm_export.parity import DEFAULT_K, judge, judge_logits, onnx_floor_kind
 from flatllm_export.quantize.qlinear import QuantLinear
-from flatllm_export.runtime.ort import META_FILE
+from flatllm_export.runtime.ort import META_FILE, META_FORMAT
 
 from . import ExportContext, ExportError, register
 from .onnx_graph import OPSET, GraphDecoder, GraphOptions, finalize
 from .onnx_ops import TMP_DOMAIN
 
 DEFAULT_ACCURACY_LEVEL = 4  # int8 activations: measured faster for +0.5% ppl (README, Speed)
+EXTERNAL_DATA_BYTES = 2**31 - 2**24  # a graph larger than this keeps its tensors in model.onnx.data (protobuf: 2 GB)
 
 
 def io_names(n_layers: int, positions: bool = False) -> tuple[list[str], list[str]]:
@@ -91,7 +92,7 @@ def export_graph(model, path: Path, opts: GraphOptions) -> GraphDecoder:
                           opset_version=17, dynamo=False, do_constant_folding=True,
                           custom_opsets={"com.microsoft": 1, TMP_DOMAIN: 1})
         proto = finalize(onnx.load(str(scratch), load_external_data=True))
-        large = proto.ByteSize() > 2**31 - 2**24 if len(list(Path(tmp).iterdir())) == 1 else True
+        large = proto.ByteSize() > EXTERNAL_DATA_BYTES if len(list(Path(tmp).iterdir())) == 1 else True
         # over 2 GB the tensors go to one model.onnx.data beside the graph
         onnx.save(proto, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
                   location=path.name + ".data", size_threshold=1024)
@@ -103,7 +104,7 @@ def write_metadata(model, out: Path, dtype: str, opts: GraphOptions, int4: bool)
     inputs, outputs = io_names(cfg.num_hidden_layers, opts.attention != "gqa")
     lm_head = f"int{model.lm_head.bits}-gptq" if isinstance(model.lm_head, QuantLinear) else opts.lm_head
     meta = {
-        "format": "flatllm-onnx/1",
+        "format": META_FORMAT,
         "model_type": cfg.model_type, "filename": "model.onnx", "dtype": dtype, "opset": OPSET,
         "vocab_size": cfg.vocab_size, "context_length": cfg.max_position_embeddings,
         "eos_token_id": cfg.eos_token_id, "bos_token_id": cfg.bos_token_id,

@@ -14,9 +14,11 @@ from . import accounting, data, report
 from .evaluate import perplexity, torch_logits_fn
 from .modeling import load_model, load_tokenizer
 from .recipe import Recipe, RecipeError, dump_recipe
-from .stages import OutputDir, StageLog
+from .stages import OutputDir, StageLog, unfinished
 from .parity import DEFAULT_K
 from .validate import genai_runtime, onnx_runtime, parity, torch_runtime
+
+RUN_FORMAT = "flatllm-export-run/1"  # report.json's "format": validate refuses a run folder of any other
 
 
 def evaluation_windows(recipe: Recipe, tokenizer) -> torch.Tensor:
@@ -37,10 +39,11 @@ def _evaluate(model, recipe: Recipe, windows: torch.Tensor, desc: str) -> dict:
 
 def run(recipe: Recipe, output: str | Path, overwrite: bool = False, keep_failed: bool = False) -> dict:
     """Run every section the recipe has; returns the report (also written as report.json / report.md)."""
-    out = OutputDir(output, overwrite, keep_failed)
+    out = OutputDir(output, overwrite, keep_failed, marker="report.json")
     out.check()  # before any work
     log = StageLog()
-    rep: dict = {"recipe": recipe.model_dump(exclude_none=True), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    rep: dict = {"format": RUN_FORMAT, "recipe": recipe.model_dump(exclude_none=True),
+                 "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                  "environment": {"python": platform.python_version(), "torch": torch.__version__,
                                  "host": platform.machine()}}
     if recipe.warnings():
@@ -150,12 +153,40 @@ def validate_outputs(folder: Path, recipe: Recipe, tokenizer, model, note: str) 
     return parity(model, others, windows, val, recipe.evaluation.batch_size, note)
 
 
+def check_run_folder(folder: str | Path) -> Path:
+    """A finished run's output folder of this version, or a message saying what it is instead."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder: give the --output folder of a finished run")
+    partial = unfinished(folder.resolve())
+    if partial is not None:
+        raise ValueError(f"{partial} is the unfinished output of a run that did not complete (killed, failed, or "
+                         "still running): run the recipe again")
+    report_file = folder / "report.json"
+    if not report_file.is_file():
+        raise FileNotFoundError(f"{folder} has no report.json: it is not the output folder of a finished "
+                                "`flatllm-export run`")
+    try:
+        rep = json.loads(report_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{report_file} is not valid JSON ({exc}); run the recipe again") from None
+    found = rep.get("format", RUN_FORMAT) if isinstance(rep, dict) else None  # reports before the stamp: format 1
+    if found != RUN_FORMAT:
+        raise ValueError(f"{report_file} has format {found!r}, this version of flatllm-export reads {RUN_FORMAT!r}: "
+                         f"{folder} was written by another version; run its recipe again with this version")
+    return folder
+
+
 def validate_dir(folder: str | Path) -> dict:
     """``flatllm-export validate DIR``: re-run the parity checks of a finished run from its files alone."""
     from .recipe import ValidationSection, load_recipe
 
-    folder = Path(folder)
-    recipe = load_recipe(folder / "recipe.yaml")
+    folder = check_run_folder(folder)
+    try:
+        recipe = load_recipe(folder / "recipe.yaml")
+    except RecipeError as exc:
+        raise RecipeError(f"{exc}\n(was {folder} written by another version of flatllm-export? run its recipe "
+                          "again with this version)") from None
     if recipe.evaluation is None:
         raise ValueError(f"{folder}/recipe.yaml has no evaluation section: nothing to validate on")
     if recipe.validation is None:

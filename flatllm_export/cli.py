@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 from pathlib import Path
 
-from .recipe import RecipeError, load_recipe
+from . import interrupts
+
+# nothing heavy is imported before main()'s try: a Ctrl-C while torch loads is handled like any other
 
 
 def _recipe_args(p: argparse.ArgumentParser) -> None:
@@ -45,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-k", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    # Ctrl-C and `kill PID` (SIGTERM) end the work where it is: the unfinished output is removed on the way out
+    restore = interrupts.install()
     try:
         if args.command == "import-gguf":
             from .modeling.gguf_import import import_gguf
@@ -63,6 +68,8 @@ def main(argv: list[str] | None = None) -> int:
             print(generate_text(args.dir, args.prompt, args.runtime, args.max_new_tokens, args.sample,
                                 args.temperature, args.top_k, args.seed))
             return 0
+        from .recipe import load_recipe
+
         recipe = load_recipe(args.recipe, args.overrides)
         for warning in recipe.warnings():
             print(f"warning: {warning}", file=sys.stderr)
@@ -81,12 +88,30 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: cross-runtime parity failed (see {args.output}/report.md):\n{failures}", file=sys.stderr)
             return 3
         return 0
-    except (RecipeError, FileExistsError, FileNotFoundError, ValueError, RuntimeError) as exc:
+    except (ValueError, RuntimeError) as exc:  # RecipeError, ModelLoadError, ExportError ...
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted: no output folder was completed", file=sys.stderr)
-        return 130
+    except OSError as exc:  # unwritable folder, disk full, a file removed under us: name the file, no traceback
+        print(f"error: {_os_message(exc)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as exc:
+        where = f"; {args.output} was not written" if args.command == "run" else ""
+        what = "terminated (SIGTERM)" if isinstance(exc, interrupts.Terminated) else "interrupted"
+        print(f"{what}{where}: no output folder was completed", file=sys.stderr)
+        return 143 if isinstance(exc, interrupts.Terminated) else 130
+    finally:
+        restore()
+
+
+def _os_message(exc: OSError) -> str:
+    if exc.errno is None or exc.strerror is None:  # our own messages (OutputError, FileExistsError ...)
+        return str(exc)
+    where = f" {exc.filename}" if exc.filename else ""
+    hint = {errno.ENOSPC: "free disk space or choose another --output",
+            errno.EFBIG: "the file system refused a file this large: choose another --output",
+            errno.EACCES: "choose a path you can write to", errno.EPERM: "choose a path you can write to",
+            errno.EROFS: "the file system is read-only: choose another --output"}.get(exc.errno, "")
+    return f"cannot access{where}: {exc.strerror}" + (f"; {hint}" if hint else "")
 
 
 if __name__ == "__main__":

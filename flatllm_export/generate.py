@@ -9,10 +9,17 @@ import torch
 
 from .modeling import load_model, load_tokenizer
 from .runtime.ort import META_FILE, OrtDecoder, pick_next
+from .stages import unfinished
 
 
 def resolve(folder: str | Path, runtime: str) -> tuple[str, Path]:
     folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder: give a run's output folder or an export folder")
+    partial = unfinished(folder.resolve())
+    if partial is not None:
+        raise ValueError(f"{partial} is the unfinished output of a run that did not complete (killed, failed, or "
+                         "still running): its files may be cut short; run the recipe again")
     onnx_kind = "onnxruntime-genai" if runtime == "onnxruntime-genai" else "onnxruntime"
     if (folder / META_FILE).exists():
         return onnx_kind, folder
@@ -31,6 +38,8 @@ def generate_text(folder, prompt: str, runtime: str = "auto", max_new_tokens: in
     kind, path = resolve(folder, runtime)
     tok = load_tokenizer(str(path))
     ids = np.array([tok(prompt)["input_ids"]], dtype=np.int64)
+    if ids.size == 0:
+        raise ValueError(f"--prompt {prompt!r} gives no tokens (this tokenizer adds no BOS token): give some text")
     if kind == "onnxruntime":
         out = OrtDecoder(path).generate(ids, max_new_tokens, sample, temperature, top_k, seed, tok.eos_token_id)
     elif kind == "onnxruntime-genai":

@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from . import data
 from .modeling.gguf_import import inspect_gguf
-from .modeling.loading import DTYPES, SHORT_NAMES
+from .modeling.loading import DTYPES, SHORT_NAMES, check_model_folder
 from .parity import DEFAULT_K
 
 
@@ -22,7 +22,7 @@ class RecipeError(ValueError):
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, strict=True)  # "0.3" is not a number here
 
 
 def _check_dataset(value: str) -> str:
@@ -41,7 +41,10 @@ class ModelSection(Strict):
     @field_validator("path")
     @classmethod
     def _path(cls, v: str) -> str:
-        if v in SHORT_NAMES or os.path.isdir(os.path.expanduser(v)):
+        if v in SHORT_NAMES:
+            return v
+        if os.path.isdir(os.path.expanduser(v)):
+            check_model_folder(os.path.expanduser(v))  # config.json readable and supported, weights present
             return v
         if v.endswith(".gguf"):
             inspect_gguf(os.path.expanduser(v))  # exists, is GGUF, is whole, is llama / mistral
@@ -295,6 +298,8 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             raise RecipeError(f"--set '{item}' must look like KEY.PATH=VALUE, e.g. compression.ratio=0.5")
         key, value = item.split("=", 1)
         parts = key.strip().split(".")
+        if "" in parts:
+            raise RecipeError(f"--set '{item}': the key path '{key}' has an empty part; write e.g. compression.ratio=0.5")
         node = raw
         for p in parts[:-1]:
             if node.get(p) is None:
@@ -318,12 +323,18 @@ def parse_recipe(raw: dict, source: str = "<dict>") -> Recipe:
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     path = Path(path)
     if not path.is_file():
-        raise RecipeError(f"recipe file {path} does not exist")
+        raise RecipeError(f"recipe file {path} " + ("is a folder: give a .yaml file" if path.is_dir() else
+                                                    "does not exist"))
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise RecipeError(f"recipe {path} is not valid YAML: {exc}") from None
-    return parse_recipe(apply_overrides(raw or {}, list(overrides)), str(path))
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"recipe {path} is not a UTF-8 text file ({exc.reason} at byte {exc.start})") from None
+    raw = {} if raw is None else raw
+    if not isinstance(raw, dict):  # before the overrides, which walk sections
+        return parse_recipe(raw, str(path))
+    return parse_recipe(apply_overrides(raw, list(overrides)), str(path))
 
 
 def dump_recipe(recipe: Recipe) -> str:

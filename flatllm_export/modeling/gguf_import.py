@@ -86,7 +86,7 @@ def import_gguf(file: str | Path, output: str | Path, dtype: str = "float32", ov
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..stages import OutputDir
+    from ..stages import OutputDir, write_errors
     from .loading import DTYPES
 
     file = Path(file).expanduser().resolve()
@@ -104,7 +104,7 @@ def import_gguf(file: str | Path, output: str | Path, dtype: str = "float32", ov
                 setattr(tokenizer, key, value)
         except Exception as exc:  # transformers' GGUF reader: unsupported quant types, odd metadata
             raise GGUFError(f"transformers could not read {file} ({type(exc).__name__}: {exc})") from None
-        with torch.no_grad():
+        with torch.no_grad(), write_errors(work):
             model.save_pretrained(work, safe_serialization=True)
         tokenizer.save_pretrained(work)
         (work / "SOURCE.txt").write_text(f"converted from {file.name} ({info['bytes']:,} bytes, "

@@ -86,9 +86,38 @@ def read_safetensors(folder: str) -> dict[str, torch.Tensor]:
                                      "whole model folder again")
             state.update(_load_checked(path))
         return state
+    raise ModelLoadError(_no_weights(folder))
+
+
+def _no_weights(folder) -> str:
     pickled = [p.name for p in Path(folder).glob("*.bin")] + [p.name for p in Path(folder).glob("*.pt")]
     hint = f" (found pickled {pickled}: convert them to safetensors first)" if pickled else ""
-    raise ModelLoadError(f"no model.safetensors or model.safetensors.index.json in {folder}{hint}")
+    return f"no model.safetensors or model.safetensors.index.json in {folder}{hint}"
+
+
+def read_config(folder) -> dict:
+    """config.json of a model folder, with a supported model_type."""
+    config_file = Path(folder) / "config.json"
+    if not config_file.is_file():
+        raise ModelLoadError(f"no config.json in {folder}: model.path must be a Hugging Face model folder")
+    try:
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(f"{config_file} is not valid JSON ({exc}); restore the model's config.json") from None
+    if not isinstance(raw, dict):
+        raise ModelLoadError(f"{config_file} must hold a JSON object, not {type(raw).__name__}")
+    model_type = raw.get("model_type")
+    if model_type not in SUPPORTED:
+        what = "has no model_type" if model_type is None else f"has model_type '{model_type}', which is not supported"
+        raise ModelLoadError(f"{config_file} {what}; supported: {', '.join(SUPPORTED)}")
+    return raw
+
+
+def check_model_folder(folder) -> None:
+    """What can be checked of a local model folder before any work: its config and that it has weights."""
+    read_config(folder)
+    if not any((Path(folder) / f).is_file() for f in ("model.safetensors", "model.safetensors.index.json")):
+        raise ModelLoadError(_no_weights(folder))
 
 
 def _load_checked(path: Path) -> dict[str, torch.Tensor]:
@@ -120,13 +149,8 @@ def load_model(path: str, dtype: str = "float32", device: str = "cpu") -> FlatLl
         raise ModelLoadError(f"model.dtype '{dtype}' is not supported; use one of {list(DTYPES)}")
     folder = resolve_model_path(path)
     config_file = Path(folder) / "config.json"
-    if not config_file.exists():
-        raise ModelLoadError(f"no config.json in {folder}: model.path must be a Hugging Face model folder")
-    raw = json.loads(config_file.read_text())
-    model_type = raw.get("model_type")
-    if model_type not in SUPPORTED:
-        raise ModelLoadError(f"model type '{model_type}' in {config_file} is not supported; supported: "
-                             f"{', '.join(SUPPORTED)}")
+    raw = read_config(folder)
+    model_type = raw["model_type"]
     if model_type == FlatLlamaConfig.model_type:
         config = FlatLlamaConfig.from_pretrained(folder)
     else:

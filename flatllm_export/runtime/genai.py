@@ -14,16 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .ort import META_FILE
+from .ort import read_meta
 
 CONFIG_FILE = "genai_config.json"
 
 
-def load_meta(folder: str | Path) -> dict:
-    path = Path(folder) / META_FILE
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: {folder} is not an onnx export of flatllm-export")
-    return json.loads(path.read_text())
+load_meta = read_meta  # flatllm_onnx.json, checked key by key
 
 
 def genai_blocker(meta: dict) -> str | None:

@@ -19,8 +19,74 @@ import numpy as np
 import torch
 
 META_FILE = "flatllm_onnx.json"
+META_FORMAT = "flatllm-onnx/1"  # its "format" key: a file of any other format is refused by name
 KEEP_INPUT = "num_logits_to_keep"  # optional graph input (exporters/onnx_logits.py): logits of the last N only
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+class ExportFormatError(ValueError):
+    """An export folder's files are not what this version of flatllm-export writes (edited, cut, or another
+    version's); the message names the file and the key."""
+
+
+# key -> (what it must be, test); layers' entries are checked one by one
+_META_KEYS = {
+    "filename": ("a file name", lambda v: isinstance(v, str) and v != ""),
+    "dtype": ("'float32' or 'float16'", lambda v: v in ("float32", "float16")),
+    "vocab_size": ("a positive integer", lambda v: type(v) is int and v > 0),
+    "context_length": ("a positive integer", lambda v: type(v) is int and v > 0),
+    "num_hidden_layers": ("a positive integer", lambda v: type(v) is int and v > 0),
+    "inputs": ("a list of input names", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)),
+    "outputs": ("a list of output names starting with 'logits'",
+                lambda v: isinstance(v, list) and v[:1] == ["logits"] and all(isinstance(x, str) for x in v)),
+    "layers": ("a list of per-layer cache shapes", lambda v: isinstance(v, list)),
+    "int4": ("true or false", lambda v: isinstance(v, bool)),
+    "shared_kv_buffer": ("true or false (GroupQueryAttention graphs: the cache may be updated in place)",
+                         lambda v: isinstance(v, bool)),
+}
+_LAYER_KEYS = ("num_kv_heads", "key_dim", "value_dim")
+
+
+def read_meta(folder: str | Path) -> dict:
+    """``flatllm_onnx.json`` of an onnx export, checked key by key: every runtime reads the export through it."""
+    folder = Path(folder)
+    path = folder / META_FILE
+    fix = "re-export the model (flatllm-export run) or restore the file"
+    if not path.is_file():
+        raise ExportFormatError(f"{path} is missing: {folder} is not an onnx export of flatllm-export")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ExportFormatError(f"{path} is not valid JSON ({exc}); {fix}") from None
+    if not isinstance(meta, dict):
+        raise ExportFormatError(f"{path} must hold a JSON object, not {type(meta).__name__}; {fix}")
+    if meta.get("format") != META_FORMAT:
+        raise ExportFormatError(f"{path} has format {meta.get('format')!r}, this version of flatllm-export reads "
+                                f"{META_FORMAT!r}: the export was written by another version; re-export the model "
+                                "with this version (flatllm-export run)")
+    for key, (want, ok) in _META_KEYS.items():
+        if key not in meta:
+            raise ExportFormatError(f"{path}: key '{key}' is missing (it must be {want}); {fix}")
+        if not ok(meta[key]):
+            raise ExportFormatError(f"{path}: key '{key}' must be {want}, got {meta[key]!r}; {fix}")
+    n = meta["num_hidden_layers"]
+    if len(meta["layers"]) != n:
+        raise ExportFormatError(f"{path}: key 'layers' lists {len(meta['layers'])} layers but 'num_hidden_layers' "
+                                f"is {n}; {fix}")
+    for i, layer in enumerate(meta["layers"]):
+        for key in _LAYER_KEYS:
+            value = layer.get(key) if isinstance(layer, dict) else None
+            if type(value) is not int or value <= 0:
+                raise ExportFormatError(f"{path}: key 'layers[{i}].{key}' must be a positive integer, got "
+                                        f"{value!r}; {fix}")
+    past = [x for x in meta["inputs"] if x.startswith("past_key_values.")]
+    present = [x for x in meta["outputs"] if x.startswith("present.")]
+    if len(past) != 2 * n or len(present) != 2 * n:
+        raise ExportFormatError(f"{path}: keys 'inputs' / 'outputs' name {len(past)} past and {len(present)} "
+                                f"present tensors, {2 * n} expected for {n} layers; {fix}")
+    if not (folder / meta["filename"]).is_file():
+        raise ExportFormatError(f"{path}: key 'filename' names {meta['filename']}, which is missing from {folder}")
+    return meta
 
 
 class OrtDecoder:
@@ -28,16 +94,17 @@ class OrtDecoder:
         import onnxruntime as ort
 
         self.folder = Path(folder)
-        meta_path = self.folder / META_FILE
-        if not meta_path.exists():
-            raise FileNotFoundError(f"{meta_path} is missing: {folder} is not an onnx export of flatllm-export")
-        self.meta = json.loads(meta_path.read_text())
+        self.meta = read_meta(self.folder)
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(self.folder / self.meta["filename"]), opts,
-                                            providers=providers or ["CPUExecutionProvider"])
+        graph = self.folder / self.meta["filename"]
+        try:
+            self.session = ort.InferenceSession(str(graph), opts, providers=providers or ["CPUExecutionProvider"])
+        except Exception as exc:  # onnxruntime's own errors: a cut or overwritten file, a graph it cannot run
+            raise ExportFormatError(f"onnxruntime cannot load {graph} ({type(exc).__name__}: "
+                                    f"{str(exc).strip()[:300]}); re-export the model") from None
         self.np_dtype = np.float16 if self.meta["dtype"] == "float16" else np.float32
         self.layers = self.meta["layers"]
         graph_inputs = {i.name: i for i in self.session.get_inputs()}
@@ -57,10 +124,13 @@ class OrtDecoder:
     def _check_cache_shapes(self, graph_inputs: dict) -> None:
         """The metadata's per-layer cache dims must be the graph's where the graph states them."""
         for name, shape in zip(self.past_names, self.cache_shapes(1, 0)):
+            if name not in graph_inputs:
+                raise ExportFormatError(f"{self.folder / META_FILE} names the input {name}, which the graph "
+                                        f"{self.meta['filename']} does not have: metadata and graph disagree")
             declared = graph_inputs[name].shape
             for axis in (1, 3):
                 if isinstance(declared[axis], int) and declared[axis] != shape[axis]:
-                    raise ValueError(f"{self.folder}: {META_FILE} gives {name} dim {axis} = {shape[axis]}, "
+                    raise ExportFormatError(f"{self.folder}: {META_FILE} gives {name} dim {axis} = {shape[axis]}, "
                                      f"the graph declares {declared[axis]}: metadata and graph disagree")
 
     def cache_shapes(self, batch: int, length: int) -> list[tuple[int, int, int, int]]:
