@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 META_FILE = "flatllm_onnx.json"
-META_FORMAT = "flatllm-onnx/1"  # its "format" key: a file of any other format is refused by name
+META_FORMAT = "flatllm-onnx/2"  # its "format" key: a file of any other format is refused by name
 KEEP_INPUT = "num_logits_to_keep"  # optional graph input (exporters/onnx_logits.py): logits of the last N only
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
