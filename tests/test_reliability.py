@@ -319,7 +319,7 @@ def _layer1(key, value):
 
 META = "onnx/flatllm_onnx.json"
 FOLDER_CASES = {  # name -> (edit of a finished run folder, commands, message fragments ({run} = the folder))
-    "metadata that is not JSON": (lambda d: (d / META).write_text('{"format": "flatllm-onnx/1",'),
+    "metadata that is not JSON": (lambda d: (d / META).write_text('{"format": "flatllm-onnx/2",'),
                                   ("validate", "generate"), [f"{{run}}/{META} is not valid JSON", "re-export"]),
     "metadata key missing": (_meta_edit(lambda m: m.pop("layers")), ("validate", "generate"),
                              [f"{{run}}/{META}: key 'layers' is missing"]),
@@ -334,7 +334,7 @@ FOLDER_CASES = {  # name -> (edit of a finished run folder, commands, message fr
     "metadata layer count edited": (_meta_edit(lambda m: m["layers"].pop()), ("generate",),
                                     ["key 'layers' lists 2 layers but 'num_hidden_layers' is 3"]),
     "metadata of another version": (_meta_edit(lambda m: m.__setitem__("format", "flatllm-onnx/0")), ("validate",),
-                                    ["has format 'flatllm-onnx/0'", "reads 'flatllm-onnx/1'", "another version"]),
+                                    ["has format 'flatllm-onnx/0'", "reads 'flatllm-onnx/2'", "another version"]),
     "metadata without a format": (_meta_edit(lambda m: m.pop("format")), ("generate",),
                                   ["has format None", "another version"]),
     "graph file cut short": (lambda d: (d / "onnx/model.onnx").write_bytes((d / "onnx/model.onnx").read_bytes()[:5000]),
