@@ -40,6 +40,7 @@ def _evaluate(model, tokenizer, recipe: Recipe, windows: torch.Tensor, point: st
         res = lmeval.evaluate_tasks(lmeval.hf_lm(model, tokenizer, recipe.evaluation.batch_size), recipe.evaluation)
         rep.setdefault("tasks", {})[point] = {t: {k: v for k, v in r.items() if k != "correct"}
                                              for t, r in res.items()}
+        rep["_last_task_results"] = res  # the model as exported: validation's torch row (popped before writing)
     return stats
 
 
@@ -134,8 +135,10 @@ def run(recipe: Recipe, output: str | Path, overwrite: bool = False, keep_failed
                 rep["exports"][target] = log.stages[f"export_{target}"]
         if recipe.validation:
             with log.stage("validate") as st:
-                st.update(validate_outputs(work, recipe, tokenizer, model, "in memory"))
+                st.update(validate_outputs(work, recipe, tokenizer, model, "in memory",
+                                           rep.get("_last_task_results")))
             rep["validation"] = log.stages["validate"]
+        rep.pop("_last_task_results", None)
         rep["stages"] = log.stages
         rep["total_seconds"] = round(sum(s["seconds"] for s in log.stages.values()), 2)
         (work / "report.json").write_text(json.dumps(rep, indent=1) + "\n")
@@ -143,9 +146,11 @@ def run(recipe: Recipe, output: str | Path, overwrite: bool = False, keep_failed
     return rep
 
 
-def validate_outputs(folder: Path, recipe: Recipe, tokenizer, model, note: str) -> dict:
+def validate_outputs(folder: Path, recipe: Recipe, tokenizer, model, note: str, torch_tasks: dict | None = None
+                     ) -> dict:
     """Parity of every runtime the recipe's validation section names, on the evaluation windows, judged against
-    the float64 reference of ``model`` (the PyTorch model as exported)."""
+    the float64 reference of ``model`` (the PyTorch model as exported). ``torch_tasks``: the task results of
+    ``model`` when the run has just measured them (else measured here)."""
     val = recipe.validation
     datasets = val.datasets or [recipe.evaluation.dataset]
     windows = {}
@@ -165,11 +170,11 @@ def validate_outputs(folder: Path, recipe: Recipe, tokenizer, model, note: str) 
         from . import lmeval
 
         bs = recipe.evaluation.batch_size
-        lms = {"torch": lmeval.hf_lm(model, tokenizer, bs)}
+        results = {"torch": torch_tasks or lmeval.evaluate_tasks(lmeval.hf_lm(model, tokenizer, bs), recipe.evaluation)}
         for rt in others:
-            lms[rt.name] = (lmeval.hf_lm(gptq_model, tokenizer, bs) if rt.name == "gptq"
-                            else lmeval.runtime_lm(rt, model.config, tokenizer, bs))
-        results = {name: lmeval.evaluate_tasks(lm, recipe.evaluation) for name, lm in lms.items()}
+            lm = (lmeval.hf_lm(gptq_model, tokenizer, bs) if rt.name == "gptq"
+                  else lmeval.runtime_lm(rt, model.config, tokenizer, bs))
+            results[rt.name] = lmeval.evaluate_tasks(lm, recipe.evaluation)
         rows, failures = lmeval.task_parity(results, {rt.name: rt.floor_kind for rt in others}, val.task_tolerance)
         result["rows"] += rows
         result["failures"] += failures

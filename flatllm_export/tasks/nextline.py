@@ -47,7 +47,8 @@ def _speeches(text: str) -> list[tuple[str, list[str]]]:
 
 
 def nextline_items(split: str, n: int, seed: int = 0) -> list[dict]:
-    """``n`` questions, spread evenly over the plays of ``split``: {context, choices, label, play}."""
+    """``n`` questions, spread evenly over the plays of ``split``, in shuffled order: {context, choices, label,
+    play}."""
     rng = random.Random(seed)
     plays = data.shakespeare_split(split)
     files = data.shakespeare_plays()
@@ -70,6 +71,7 @@ def nextline_items(split: str, n: int, seed: int = 0) -> list[dict]:
             rng.shuffle(choices)
             context = "\n".join([speaker] + lines[max(0, i - CONTEXT_LINES) : i]) + "\n"
             items.append({"context": context, "choices": choices, "label": choices.index(answer), "play": play})
+    rng.shuffle(items)  # plays interleaved: a task limit (the first N items) still spans every play
     return items
 
 
