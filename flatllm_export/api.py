@@ -33,8 +33,17 @@ def calibration_windows(recipe: Recipe, tokenizer) -> torch.Tensor:
     return data.calibration_windows(tokens, cal.nsamples, cal.seqlen, cal.seed)
 
 
-def _evaluate(model, recipe: Recipe, windows: torch.Tensor, desc: str) -> dict:
-    return perplexity(torch_logits_fn(model), windows, recipe.evaluation.batch_size, desc=desc)
+def _evaluate(model, tokenizer, recipe: Recipe, windows: torch.Tensor, point: str, rep: dict) -> dict:
+    """Perplexity on the windows (returned) and, with evaluation.tasks, lm-eval task accuracy into rep['tasks']."""
+    stats = perplexity(torch_logits_fn(model), windows, recipe.evaluation.batch_size, desc=f"ppl {point}")
+    if recipe.evaluation.tasks:
+        from . import lmeval
+
+        res = lmeval.evaluate_tasks(lmeval.hf_lm(model, tokenizer, recipe.evaluation.batch_size), recipe.evaluation)
+        rep.setdefault("tasks", {})[point] = {t: {k: v for k, v in r.items() if k != "correct"}
+                                             for t, r in res.items()}
+        rep["_last_task_results"] = res  # the model as exported: validation's torch row (popped before writing)
+    return stats
 
 
 def run(recipe: Recipe, output: str | Path, overwrite: bool = False, keep_failed: bool = False) -> dict:
@@ -50,6 +59,11 @@ def run(recipe: Recipe, output: str | Path, overwrite: bool = False, keep_failed
         rep["warnings"] = recipe.warnings()
     with out as work:
         (work / "recipe.yaml").write_text(dump_recipe(recipe))
+        if recipe.evaluation and recipe.evaluation.tasks:
+            from .lmeval import check_tasks
+
+            with log.stage("tasks") as st:  # every task's data loaded (hub tasks too) before any model work
+                st.update(documents=check_tasks(recipe.evaluation, load_data=True))
         with log.stage("load") as st:
             model = load_model(recipe.model.path, recipe.model.dtype, recipe.model.device)
             tokenizer = load_tokenizer(recipe.model.path)
@@ -64,7 +78,7 @@ def run(recipe: Recipe, output: str | Path, overwrite: bool = False, keep_failed
         if recipe.evaluation:
             with log.stage("evaluate_dense") as st:
                 eval_windows = evaluation_windows(recipe, tokenizer)
-                st.update(_evaluate(model, recipe, eval_windows, "ppl dense"))
+                st.update(_evaluate(model, tokenizer, recipe, eval_windows, "dense", rep))
             rep["perplexity"] = {"dense": log.stages["evaluate_dense"]["ppl"]}
         calib = None
         if recipe.compression:
@@ -85,7 +99,7 @@ def run(recipe: Recipe, output: str | Path, overwrite: bool = False, keep_failed
             report.plot_allocation(rep["compression"], work / "allocation.png")
             if eval_windows is not None:
                 with log.stage("evaluate_compressed") as st:
-                    st.update(_evaluate(model, recipe, eval_windows, "ppl compressed"))
+                    st.update(_evaluate(model, tokenizer, recipe, eval_windows, "compressed", rep))
                 rep["perplexity"]["compressed"] = log.stages["evaluate_compressed"]["ppl"]
         if recipe.quantization:
             from .quantize import quantize_model
@@ -104,7 +118,7 @@ def run(recipe: Recipe, output: str | Path, overwrite: bool = False, keep_failed
             rep["quantization"] = {k: v for k, v in log.stages["quantize"].items() if k != "layers"}
             if eval_windows is not None:
                 with log.stage("evaluate_quantized") as st:
-                    st.update(_evaluate(model, recipe, eval_windows, "ppl quantized"))
+                    st.update(_evaluate(model, tokenizer, recipe, eval_windows, "quantized", rep))
                 rep["perplexity"]["quantized"] = log.stages["evaluate_quantized"]["ppl"]
         if recipe.export:
             from exporters import ExportContext, export
@@ -125,8 +139,10 @@ def run(recipe: Recipe, output: str | Path, overwrite: bool = False, keep_failed
                 rep["exports"][target] = log.stages[f"export_{target}"]
         if recipe.validation:
             with log.stage("validate") as st:
-                st.update(validate_outputs(work, recipe, tokenizer, model, "in memory"))
+                st.update(validate_outputs(work, recipe, tokenizer, model, "in memory",
+                                           rep.get("_last_task_results")))
             rep["validation"] = log.stages["validate"]
+        rep.pop("_last_task_results", None)
         rep["stages"] = log.stages
         rep["total_seconds"] = round(sum(s["seconds"] for s in log.stages.values()), 2)
         (work / "report.json").write_text(json.dumps(rep, indent=1) + "\n")
@@ -134,23 +150,41 @@ def run(recipe: Recipe, output: str | Path, overwrite: bool = False, keep_failed
     return rep
 
 
-def validate_outputs(folder: Path, recipe: Recipe, tokenizer, model, note: str) -> dict:
+def validate_outputs(folder: Path, recipe: Recipe, tokenizer, model, note: str, torch_tasks: dict | None = None
+                     ) -> dict:
     """Parity of every runtime the recipe's validation section names, on the evaluation windows, judged against
-    the float64 reference of ``model`` (the PyTorch model as exported)."""
+    the float64 reference of ``model`` (the PyTorch model as exported). ``torch_tasks``: the task results of
+    ``model`` when the run has just measured them (else measured here)."""
     val = recipe.validation
     datasets = val.datasets or [recipe.evaluation.dataset]
     windows = {}
     for name in datasets:
         ev = recipe.evaluation.model_copy(update={"dataset": name})
         windows[name] = evaluation_windows(recipe.model_copy(update={"evaluation": ev}), tokenizer)
-    others = []
+    others, gptq_model = [], None
     if "gptq" in val.runtimes:
-        others.append(torch_runtime("gptq", load_model(str(folder / "gptq")), "reloaded checkpoint"))
+        gptq_model = load_model(str(folder / "gptq"))
+        others.append(torch_runtime("gptq", gptq_model, "reloaded checkpoint"))
     if "onnxruntime" in val.runtimes:
         others.append(onnx_runtime(folder / "onnx"))
     if "onnxruntime-genai" in val.runtimes:  # the genai target when there is one (padded value cache)
         others.append(genai_runtime(folder / "genai" if (folder / "genai").is_dir() else folder / "onnx"))
-    return parity(model, others, windows, val, recipe.evaluation.batch_size, note)
+    result = parity(model, others, windows, val, recipe.evaluation.batch_size, note)
+    if recipe.evaluation.tasks:  # task accuracy on every runtime, in the same table
+        from . import lmeval
+
+        bs = recipe.evaluation.batch_size
+        results = {"torch": torch_tasks or lmeval.evaluate_tasks(lmeval.hf_lm(model, tokenizer, bs), recipe.evaluation)}
+        for rt in others:
+            lm = (lmeval.hf_lm(gptq_model, tokenizer, bs) if rt.name == "gptq"
+                  else lmeval.runtime_lm(rt, model.config, tokenizer, bs))
+            results[rt.name] = lmeval.evaluate_tasks(lm, recipe.evaluation)
+        rows, failures = lmeval.task_parity(results, {rt.name: rt.floor_kind for rt in others}, val.task_tolerance)
+        result["rows"] += rows
+        result["failures"] += failures
+        result["passed"] = result["passed"] and not failures
+        result["task_tolerance"] = val.task_tolerance
+    return result
 
 
 def check_run_folder(folder: str | Path) -> Path:

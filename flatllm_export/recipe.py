@@ -6,13 +6,14 @@ from __future__ import annotations
 import copy
 import os
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import data
 from .modeling.gguf_import import inspect_gguf
+from .lmeval import DEFAULT_TASK_TOLERANCE
 from .modeling.loading import DTYPES, SHORT_NAMES, check_model_folder
 from .parity import DEFAULT_K
 
@@ -73,15 +74,57 @@ class CalibrationSection(Strict):
     _dataset = field_validator("dataset")(classmethod(lambda cls, v: _check_dataset(v)))
 
 
+class TaskEntry(Strict):
+    name: str = Field(description="an lm-eval task: a registry name (arc_easy, piqa, ...), a task of "
+                      "flatllm_export/tasks/ (shakespeare_nextline) or of a folder in evaluation.task_paths")
+    num_fewshot: Optional[int] = Field(None, ge=0, le=64, description="default: the task's own")
+    limit: Optional[Union[int, float]] = Field(None, description="first N documents (int >= 1) or a fraction "
+                                               "(0 < limit < 1); default: all")
+
+    @field_validator("limit")
+    @classmethod
+    def _limit(cls, v):
+        if v is None or (isinstance(v, int) and v >= 1) or (isinstance(v, float) and 0 < v < 1):
+            return v
+        raise ValueError(f"limit {v} is out of range: use a number of documents >= 1 or a fraction 0 < limit < 1")
+
+
 class EvaluationSection(Strict):
     dataset: str = "shakespeare"
     split: Literal["train", "validation", "test"] = "test"
     seqlen: int = Field(256, ge=8, le=131_072)
     allow_beyond_context: bool = Field(False, description="evaluate windows longer than the model's context")
     max_windows: Optional[int] = Field(None, ge=1)
-    batch_size: int = Field(8, ge=1, le=1024)
+    batch_size: int = Field(8, ge=1, le=1024, description="perplexity windows and lm-eval requests per batch")
+    tasks: list[TaskEntry] = Field(default_factory=list, description="lm-eval tasks scored after each stage "
+                                   "(and across runtimes by validation): names or {name, num_fewshot, limit}")
+    task_paths: list[str] = Field(default_factory=list, description="folders of local lm-eval task YAMLs")
 
     _dataset = field_validator("dataset")(classmethod(lambda cls, v: _check_dataset(v)))
+
+    @field_validator("tasks", mode="before")
+    @classmethod
+    def _task_names(cls, v):
+        return [{"name": t} if isinstance(t, str) else t for t in v] if isinstance(v, list) else v
+
+    @field_validator("task_paths")
+    @classmethod
+    def _task_paths(cls, v: list[str]) -> list[str]:
+        missing = [p for p in v if not os.path.isdir(os.path.expanduser(p))]
+        if missing:
+            raise ValueError(f"{missing} not a folder: give folders that hold lm-eval task YAML files")
+        return v
+
+    @model_validator(mode="after")
+    def _tasks_known(self) -> "EvaluationSection":
+        if self.tasks:
+            from .lmeval import check_tasks
+
+            names = [t.name for t in self.tasks]
+            if len(set(names)) != len(names):
+                raise ValueError(f"evaluation.tasks repeats a task: {names}")
+            check_tasks(self)  # names known; local tasks' data loaded and limits checked against their size
+        return self
 
 
 class CompressionSection(Strict):
@@ -174,6 +217,9 @@ class ValidationSection(Strict):
     sample_windows: int = Field(1, ge=1, le=256, description="evaluation windows compared with the float64 reference "
                                 "(each costs about two float32 passes)")
     generate_tokens: int = Field(64, ge=1, le=4096)
+    task_tolerance: float = Field(DEFAULT_TASK_TOLERANCE, ge=0.0, le=1.0, description="largest task accuracy "
+                                  "difference from PyTorch allowed for runtimes that are not fp32 (fp32 runtimes "
+                                  "must score every item the same)")
 
     @model_validator(mode="before")
     @classmethod

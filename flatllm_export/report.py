@@ -56,6 +56,8 @@ def markdown(rep: dict) -> str:
         lines += ["## Perplexity", "",
                   f"{ev.get('dataset')} / {ev.get('split')}, windows of {ev.get('seqlen')} tokens", "",
                   _table([{"model": k, "ppl": v} for k, v in rep["perplexity"].items()], ["model", "ppl"]), ""]
+    if "tasks" in rep:
+        lines += ["## Task accuracy (lm-evaluation-harness)", "", tasks_markdown(rep["tasks"]), ""]
     if "compression" in rep:
         c = rep["compression"]
         lines += ["## Compression", "",
@@ -81,9 +83,25 @@ def markdown(rep: dict) -> str:
     return "\n".join(lines)
 
 
+def _pm(value, stderr) -> str:
+    return "-" if value is None else f"{value:.4f}" + (f" ± {stderr:.4f}" if isinstance(stderr, float) else "")
+
+
+def tasks_markdown(tasks: dict) -> str:
+    """{point (dense, compressed, quantized): {task: metrics}} as one table: accuracy ± stderr."""
+    rows = [{"task": task, "model": point, "acc": _pm(m.get("acc"), m.get("acc_stderr")),
+             "acc_norm": _pm(m.get("acc_norm"), m.get("acc_norm_stderr")), "items": m["items"],
+             "num_fewshot": m.get("num_fewshot")}
+            for point, by_task in tasks.items() for task, m in by_task.items()]
+    rows.sort(key=lambda r: r["task"])  # stable: dense, compressed, quantized within a task
+    return _table(rows, ["task", "model", "acc", "acc_norm", "items", "num_fewshot"])
+
+
 def validation_markdown(v: dict) -> str:
     cols = ["dataset", "runtime", "ppl", "ppl_rel_diff", "logit_dev_f64", "logit_tol", "ppl_dev_f64", "ppl_tol",
             "greedy", "floor", "note", "ok"]
+    if any("acc" in r for r in v["rows"]):  # task rows (lm-eval): accuracy, and the items scored differently
+        cols[-3:-3] = ["acc", "acc_norm", "items", "acc_diff", "acc_tol", "items_differ"]
     s = v["sample"]
     floors = "; ".join(f"{kind}: logits {f['logits']:.3g}, ppl {f['ppl']:.3g}" for kind, f in v["floors"].items())
     lines = ["## Validation (cross-runtime parity against float64)", "",
@@ -91,7 +109,10 @@ def validation_markdown(v: dict) -> str:
              f"window(s), {s['tokens']} predicted tokens; greedy: {s['generate_tokens']} tokens after a "
              f"{s['prompt_tokens']}-token prompt) is judged against k = {v['noise_k']:g} x the noise floor of its "
              "precision (PyTorch's own deviation from float64) + one float32 ulp. `ppl` and `ppl_rel_diff` (vs "
-             "torch) are over all evaluation windows; `*_dev_f64` and `*_tol` on the sample.", "",
+             "torch) are over all evaluation windows; `*_dev_f64` and `*_tol` on the sample."
+             + ("" if "task_tolerance" not in v else " Task rows (lm-eval): an fp32 runtime must score every item "
+                "as torch does (`acc_tol` 0); other precisions may differ in accuracy by `acc_tol` = "
+                f"{v['task_tolerance']:g}; `items_differ` lists the doc ids scored differently from torch."), "",
              _table(v["rows"], cols), "", f"- noise floors: {floors}",
              f"- float64 reference: {v['float64_seconds']} s of the validation's {v['seconds']} s", "",
              f"**{'PASS' if v['passed'] else 'FAIL'}**" + ("" if v["passed"] else ":")]

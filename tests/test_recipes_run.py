@@ -11,7 +11,8 @@ from .conftest import ROOT
 
 FAST = ["--set", "calibration.nsamples=8", "--set", "evaluation.max_windows=4"]
 RECIPES = sorted(p.name for p in (ROOT / "recipes").glob("ref-*.yaml")
-                 if p.name not in ("ref-gqa-full.yaml", "ref-llama-eval.yaml", "ref-gqa-eval.yaml"))  # run elsewhere
+                 if p.name not in ("ref-gqa-full.yaml", "ref-llama-eval.yaml", "ref-gqa-eval.yaml",
+                                "ref-llama-tasks.yaml"))  # run elsewhere (test_lmeval.py)
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
