@@ -103,12 +103,14 @@ def report(done: Resume, dense: dict, args) -> None:
         paper = done.rows.get(f"{ratio}:paper")
         if r is None:
             continue
-        row = {"ratio": ratio, "row": change, "change": CHANGES[change][0], "validation": r["validation"],
+        row = {"ratio": ratio, "row": change, "change": CHANGES[change][0],
+               "validation": "not measured" if r["validation"] is None else r["validation"],
                "test": r["test"], "calibration": r["calibration"], "achieved": r["achieved"],
                "calibration s": r["calibration s"], "peak MiB": r["MiB"]}
         if paper:
             for split in ("validation", "test"):
-                row[f"{split} vs paper"] = r[split] - paper[split]
+                if r[split] is not None and paper[split] is not None:
+                    row[f"{split} vs paper"] = r[split] - paper[split]
         row["test rise"] = r["test"] - dense["test"]
         rows.append(row)
     if not rows:
