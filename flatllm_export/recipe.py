@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import data
+from .compress.flatllm import OPTION_KEYS, resolve_options
 from .modeling.gguf_import import inspect_gguf
 from .lmeval import DEFAULT_TASK_TOLERANCE
 from .modeling.loading import DTYPES, SHORT_NAMES, check_model_folder
@@ -133,19 +134,32 @@ class CompressionSection(Strict):
     allocation: Literal["iprs", "uniform"] = "iprs"
     qk: bool = False
     round_to: Literal[1, 2, 4, 8, 16, 32, 64, 128] = 1
-    ridge: float = Field(1.0, gt=0.0)
+    # FLAT-LLM options (README: FLAT-LLM ablations); None = the variant's value
+    variant: Literal["paper", "ablation"] = Field("paper", description="FLAT-LLM: 'paper' = the official code's "
+                                                 "behaviour; 'ablation' = the changes that paid alone in bench_ablation, combined (not yet measured together)")
+    vo_basis: Optional[Literal["values", "attention", "weighted"]] = None
+    o_proj: Optional[Literal["fold", "lstsq"]] = None
+    mlp_select: Optional[Literal["leverage", "greedy"]] = None
+    ridge: Optional[float] = Field(None, gt=0.0)
+    ridge_scale: Optional[Literal["absolute", "trace"]] = None
+    vo_scale: Optional[float] = Field(None, gt=0.0, le=10.0)
+    iprs_smoothing: Optional[float] = Field(None, ge=0.0)
+    importance_windows: Optional[int] = Field(None, ge=0)
+    stats_dtype: Optional[Literal["float32", "float64"]] = None
     metric: Literal["IFV", "WIFV", "WIFN"] = Field("WIFV", description="FLAP only")
     structure: Literal["UL-UM", "UL-MM", "AL-MM", "AL-AM"] = Field("AL-AM", description="FLAP only")
 
     @model_validator(mode="after")
     def _method_keys(self) -> "CompressionSection":
-        only = {"flatllm": {"allocation", "qk", "ridge"}, "flap": {"metric", "structure"}}
+        only = {"flatllm": {"allocation", "qk", "variant", *OPTION_KEYS}, "flap": {"metric", "structure"}}
         for method, keys in only.items():
             # a key of another method is an error unless it only repeats the default (as dumped recipes do)
             stray = sorted(k for k in keys & self.model_fields_set
                            if getattr(self, k) != type(self).model_fields[k].default) if self.method != method else []
             if stray:
                 raise ValueError(f"keys {stray} belong to method '{method}', not to method '{self.method}'")
+        if self.method == "flatllm":
+            resolve_options(self.variant, **{k: getattr(self, k) for k in OPTION_KEYS})  # combinations
         return self
 
 

@@ -10,7 +10,7 @@ from flatllm_export import accounting, data
 from flatllm_export.calibration import run_sequential
 from flatllm_export.compress import CompressionError, compress_flatllm
 from flatllm_export.compress.allocation import iprs, solve_mean_kept
-from flatllm_export.compress.flatllm import FlatLLMLayerMethod, plan_shapes
+from flatllm_export.compress.flatllm import VARIANTS, FlatLLMLayerMethod, FlatLLMOptions, plan_shapes
 from flatllm_export.modeling import load_model
 
 from .conftest import REF_MODELS, ref_path, run_python
@@ -21,15 +21,22 @@ def calib(name_or_path, n=16, seqlen=128):
     return data.calibration_windows(data.tokenize(tok, data.shakespeare_text("train")[:400_000]), n, seqlen, 0)
 
 
+OPTION_SETS = {"paper": VARIANTS["paper"], "ablation": VARIANTS["ablation"],
+               "attention-greedy-fp32": FlatLLMOptions(vo_basis="attention", mlp_select="greedy", stats_dtype="float32"),
+               "weighted": FlatLLMOptions(vo_basis="weighted", o_proj="lstsq", ridge_scale="trace")}
+
+
 @pytest.mark.parametrize("name", REF_MODELS)
-@pytest.mark.parametrize("qk", [False, True])
-def test_full_rank_compression_reproduces_logits(name, qk):
+@pytest.mark.parametrize("qk,options", [(False, "paper"), (True, "paper"), (False, "ablation"), (True, "ablation"),
+                                        (False, "attention-greedy-fp32"), (False, "weighted")])
+def test_full_rank_compression_reproduces_logits(name, qk, options):
     model = load_model(name)
     x = calib(ref_path(name))
     with torch.no_grad():
         ref = model(x[:4]).logits
     plan = [dict(s, qk_rank=model.config.head_dim if qk else None) for s in model.config.layer_shapes]
-    run_sequential(model, x, FlatLLMLayerMethod(model.config, plan, full_rank_too=True), batch_size=8)
+    method = FlatLLMLayerMethod(model.config, plan, OPTION_SETS[options], full_rank_too=True)
+    run_sequential(model, x, method, batch_size=8)
     if qk:
         assert type(model.model.layers[0].self_attn.q_proj).__name__ == "HeadwiseLowRank"
     with torch.no_grad():
@@ -122,5 +129,5 @@ def test_nan_statistics_name_the_layer_and_module(tiny_model_dir):
     model = load_model(str(tiny_model_dir))
     with torch.no_grad():
         model.model.layers[1].self_attn.v_proj.weight[0, 0] = float("inf")
-    with pytest.raises(CompressionError, match="layer 1 self_attn.v_proj.*NaN/Inf"):
+    with pytest.raises(CompressionError, match=r"layer 1 self_attn\.[vo]_proj.*NaN/Inf"):
         compress_flatllm(model, calib(tiny_model_dir, n=4, seqlen=32), 0.3, "uniform")

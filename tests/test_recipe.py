@@ -71,6 +71,20 @@ def test_method_specific_keys_are_checked():
         "belong to method 'flatllm'")
 
 
+def test_flatllm_variant_and_option_keys():
+    from flatllm_export.compress import flatllm_options
+    from flatllm_export.compress.flatllm import VARIANTS
+
+    r = parse_recipe({**GOOD, "compression": {"method": "flatllm", "variant": "paper", "vo_scale": 1.5}})
+    opt = flatllm_options(r.compression)
+    assert opt.vo_scale == 1.5 and opt.mlp_select == VARIANTS["paper"].mlp_select
+    assert flatllm_options(parse_recipe({**GOOD, "compression": {"method": "flatllm"}}).compression) == VARIANTS["paper"]
+    bad({**GOOD, "compression": {"method": "flatllm", "variant": "best"}}, "compression.variant", "'paper'")
+    bad({**GOOD, "compression": {"method": "flatllm", "variant": "paper", "vo_basis": "weighted"}},
+        "compression.vo_basis", "o_proj: lstsq")
+    bad({**GOOD, "compression": {"method": "flap", "mlp_select": "greedy"}}, "'mlp_select'", "belong to method 'flatllm'")
+
+
 def test_onnx_int4_constraints_are_checked_up_front():
     bad({**GOOD, "quantization": {"bits": 3}, "export": {"targets": ["onnx"]}}, "MatMulNBits", "bits=3")
 

@@ -4,14 +4,22 @@
 from __future__ import annotations
 
 from .flap import compress_flap
-from .flatllm import CompressionError, compress_flatllm
+from .flatllm import OPTION_KEYS, CompressionError, compress_flatllm, resolve_options
+
+
+def flatllm_options(section):
+    """FLAT-LLM options of a recipe's compression section: its ``variant`` with every option key it sets."""
+    try:
+        return resolve_options(section.variant, **{k: getattr(section, k) for k in OPTION_KEYS})
+    except ValueError as exc:
+        raise CompressionError(str(exc)) from None
 from .svdllm import compress_svdllm
 
 
 def compress(model, windows, section, device: str = "cpu", batch_size: int = 8, linear_multiple: int = 1) -> dict:
     if section.method == "flatllm":
         return compress_flatllm(model, windows, section.ratio, section.allocation, section.qk, section.round_to,
-                                section.ridge, device, batch_size, linear_multiple)
+                                device, batch_size, linear_multiple, options=flatllm_options(section))
     if section.method == "flap":
         return compress_flap(model, windows, section.ratio, section.metric, section.structure, device, batch_size,
                              max(linear_multiple, section.round_to))
