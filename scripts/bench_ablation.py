@@ -1,5 +1,5 @@
 """FLAT-LLM ablations on the real model (SmolLM2-135M by default): the paper-faithful method, each option of
-``FlatLLMOptions`` changed alone, and the default (the best combination), at 30% and 50%. Perplexity on the
+``FlatLLMOptions`` changed alone, and variant ablation (the best single changes combined), at 30% and 50%. Perplexity on the
 validation plays (Macbeth, Twelfth Night: what choices are made on) and on the test plays (what is reported),
 calibration time and peak memory. Block influence depends only on the dense model and the calibration windows:
 it is measured once per window count and shared by every IPRS row (its time is added to each row's calibration
@@ -54,7 +54,7 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--nsamples", type=int, default=32, help="calibration windows of --seqlen (train plays)")
     ap.add_argument("--max-windows", type=int, default=24, help="evaluation windows (validation and test plays)")
-    ap.add_argument("--only", default="", help="comma list of ROW names (e.g. 0.3:paper,0.5:default) or names")
+    ap.add_argument("--only", default="", help="comma list of ROW names (e.g. 0.3:paper,0.5:ablation) or names")
     ap.add_argument("--report-only", action="store_true", help="write the tables from what is measured so far")
     args = ap.parse_args()
     name = args.model
@@ -124,7 +124,7 @@ def report(done: Resume, dense: dict, args) -> None:
           f"{dense['test']:.2f}. Calibration {args.nsamples} x {args.seqlen} train-play tokens unless the row says "
           "otherwise. 'calibration s' = block influence (measured once per calibration set, shared by the rows) + "
           "compression, wall time on a shared 2-core machine; peak MiB = the process's peak RSS during "
-          "compression. 'test rise' = test ppl - dense. The default differs from the paper in: "
+          "compression. 'test rise' = test ppl - dense. Variant ablation differs from the paper in: "
           f"`{default}`.\n\n" + table(rows, cols))
     save("bench_ablation", rows, md)
 
