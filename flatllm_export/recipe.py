@@ -135,8 +135,8 @@ class CompressionSection(Strict):
     qk: bool = False
     round_to: Literal[1, 2, 4, 8, 16, 32, 64, 128] = 1
     # FLAT-LLM options (README: FLAT-LLM ablations); None = the variant's value
-    variant: Literal["paper", "ablation"] = Field("paper", description="FLAT-LLM: 'paper' = the official code's "
-                                                 "behaviour; 'ablation' = the changes that paid alone in bench_ablation, combined (not yet measured together)")
+    variant: Literal["paper", "ablation"] = Field("ablation", description="FLAT-LLM: 'paper' = the official code's "
+                                                 "behaviour; 'ablation' = the changes that paid alone in bench_ablation, combined (the default: SmolLM2-135M test ppl 50.1 vs 65.8 at 30%, 68.1 vs 103.1 at 50%)")
     vo_basis: Optional[Literal["values", "attention", "weighted"]] = None
     o_proj: Optional[Literal["fold", "lstsq"]] = None
     mlp_select: Optional[Literal["leverage", "greedy"]] = None

@@ -78,7 +78,7 @@ def test_flatllm_variant_and_option_keys():
     r = parse_recipe({**GOOD, "compression": {"method": "flatllm", "variant": "paper", "vo_scale": 1.5}})
     opt = flatllm_options(r.compression)
     assert opt.vo_scale == 1.5 and opt.mlp_select == VARIANTS["paper"].mlp_select
-    assert flatllm_options(parse_recipe({**GOOD, "compression": {"method": "flatllm"}}).compression) == VARIANTS["paper"]
+    assert flatllm_options(parse_recipe({**GOOD, "compression": {"method": "flatllm"}}).compression) == VARIANTS["ablation"]
     bad({**GOOD, "compression": {"method": "flatllm", "variant": "best"}}, "compression.variant", "'paper'")
     bad({**GOOD, "compression": {"method": "flatllm", "variant": "paper", "vo_basis": "weighted"}},
         "compression.vo_basis", "o_proj: lstsq")
