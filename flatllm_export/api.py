@@ -14,7 +14,7 @@ from . import accounting, data, report
 from .evaluate import perplexity, torch_logits_fn
 from .modeling import load_model, load_tokenizer
 from .recipe import Recipe, RecipeError, dump_recipe
-from .stages import OutputDir, StageLog, unfinished
+from .stages import OutputDir, StageLog, finished_folder, read_json
 from .parity import DEFAULT_K
 from .validate import genai_runtime, onnx_runtime, parity, torch_runtime
 
@@ -189,21 +189,12 @@ def validate_outputs(folder: Path, recipe: Recipe, tokenizer, model, note: str, 
 
 def check_run_folder(folder: str | Path) -> Path:
     """A finished run's output folder of this version, or a message saying what it is instead."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} is not a folder: give the --output folder of a finished run")
-    partial = unfinished(folder.resolve())
-    if partial is not None:
-        raise ValueError(f"{partial} is the unfinished output of a run that did not complete (killed, failed, or "
-                         "still running): run the recipe again")
+    folder = finished_folder(folder, "the --output folder of a finished run")
     report_file = folder / "report.json"
     if not report_file.is_file():
         raise FileNotFoundError(f"{folder} has no report.json: it is not the output folder of a finished "
                                 "`flatllm-export run`")
-    try:
-        rep = json.loads(report_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{report_file} is not valid JSON ({exc}); run the recipe again") from None
+    rep = read_json(report_file, ValueError, "run the recipe again", want_object=False)
     found = rep.get("format", RUN_FORMAT) if isinstance(rep, dict) else None  # reports before the stamp: format 1
     if found != RUN_FORMAT:
         raise ValueError(f"{report_file} has format {found!r}, this version of flatllm-export reads {RUN_FORMAT!r}: "

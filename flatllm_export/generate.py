@@ -9,17 +9,11 @@ import torch
 
 from .modeling import load_model, load_tokenizer
 from .runtime.ort import META_FILE, OrtDecoder, pick_next
-from .stages import unfinished
+from .stages import finished_folder
 
 
 def resolve(folder: str | Path, runtime: str) -> tuple[str, Path]:
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder} is not a folder: give a run's output folder or an export folder")
-    partial = unfinished(folder.resolve())
-    if partial is not None:
-        raise ValueError(f"{partial} is the unfinished output of a run that did not complete (killed, failed, or "
-                         "still running): its files may be cut short; run the recipe again")
+    folder = finished_folder(folder, "a run's output folder or an export folder")
     onnx_kind = "onnxruntime-genai" if runtime == "onnxruntime-genai" else "onnxruntime"
     if (folder / META_FILE).exists():
         return onnx_kind, folder

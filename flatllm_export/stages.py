@@ -4,6 +4,7 @@ appears, complete, when the run finished."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import sys
@@ -72,6 +73,31 @@ class StageLog:
 def unfinished(folder: Path) -> Path | None:
     """The ``.partial`` folder (a run that did not finish) ``folder`` is or lies in, if any."""
     return next((p for p in (folder, *folder.parents) if p.name.endswith(".partial")), None)
+
+
+def finished_folder(folder: str | Path, expected: str) -> Path:
+    """``folder`` as a Path when it exists and is not (inside) an unfinished run's ``.partial`` folder; otherwise a
+    message naming ``expected`` (what the command wants to be given)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder: give {expected}")
+    partial = unfinished(folder.resolve())
+    if partial is not None:
+        raise ValueError(f"{partial} is the unfinished output of a run that did not complete (killed, failed, or "
+                         "still running): its files may be cut short; run the recipe again")
+    return folder
+
+
+def read_json(path: Path, error: type[Exception], fix: str, want_object: bool = True):
+    """A JSON file's content, or ``error`` naming the file, what is wrong and ``fix``; ``want_object``: it must
+    be a JSON object (a dict)."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(f"{path} is not valid JSON ({exc}); {fix}") from None
+    if want_object and not isinstance(value, dict):
+        raise error(f"{path} must hold a JSON object, not {type(value).__name__}; {fix}")
+    return value
 
 
 class OutputError(OSError):

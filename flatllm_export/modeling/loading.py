@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer
 
+from ..stages import read_json
 from .configuration_flatllm import FlatLlamaConfig
 from .gguf_import import gguf_folder, smollm2_dir, smollm2_folder
 from .modeling_flatllm import FlatLlamaForCausalLM
@@ -100,12 +101,7 @@ def read_config(folder) -> dict:
     config_file = Path(folder) / "config.json"
     if not config_file.is_file():
         raise ModelLoadError(f"no config.json in {folder}: model.path must be a Hugging Face model folder")
-    try:
-        raw = json.loads(config_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelLoadError(f"{config_file} is not valid JSON ({exc}); restore the model's config.json") from None
-    if not isinstance(raw, dict):
-        raise ModelLoadError(f"{config_file} must hold a JSON object, not {type(raw).__name__}")
+    raw = read_json(config_file, ModelLoadError, "restore the model's config.json")
     model_type = raw.get("model_type")
     if model_type not in SUPPORTED:
         what = "has no model_type" if model_type is None else f"has model_type '{model_type}', which is not supported"

@@ -11,12 +11,13 @@ new)); their presents stay in onnxruntime's memory and are bound back as the nex
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from ..stages import read_json
 
 META_FILE = "flatllm_onnx.json"
 META_FORMAT = "flatllm-onnx/2"  # its "format" key: a file of any other format is refused by name
@@ -54,12 +55,7 @@ def read_meta(folder: str | Path) -> dict:
     fix = "re-export the model (flatllm-export run) or restore the file"
     if not path.is_file():
         raise ExportFormatError(f"{path} is missing: {folder} is not an onnx export of flatllm-export")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ExportFormatError(f"{path} is not valid JSON ({exc}); {fix}") from None
-    if not isinstance(meta, dict):
-        raise ExportFormatError(f"{path} must hold a JSON object, not {type(meta).__name__}; {fix}")
+    meta = read_json(path, ExportFormatError, fix)
     if meta.get("format") != META_FORMAT:
         raise ExportFormatError(f"{path} has format {meta.get('format')!r}, this version of flatllm-export reads "
                                 f"{META_FORMAT!r}: the export was written by another version; re-export the model "
