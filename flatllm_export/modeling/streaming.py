@@ -11,7 +11,6 @@ frees it. So at most the layer being worked on is materialized, and the methods 
 from __future__ import annotations
 
 import copy
-import errno
 import os
 import weakref
 from pathlib import Path
@@ -126,12 +125,10 @@ def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
         os.replace(tmp, path)
-    except (OSError, RuntimeError, Exception) as exc:
+    except Exception as exc:  # OSError, or safetensors' own error type for a failed write
         tmp.unlink(missing_ok=True)
-        full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) \
-            or "No space left" in str(exc)
-        why = "the disk is full" if full else f"{type(exc).__name__}: {exc}"
-        raise StreamError(f"could not write {path} ({why}); free space there or choose another folder") from None
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
+        raise StreamError(f"could not write {path} ({why}); free disk space or choose another folder") from None
 
 
 class DiskLayers:
@@ -140,8 +137,9 @@ class DiskLayers:
     ``model.model.layers[i]`` stays a meta skeleton (what shape questions are answered from); ``load(i)`` builds
     a real copy of the skeleton on ``device`` filled from the layer's current file, in the skeleton's dtype."""
 
-    def __init__(self, model, files: dict[str, Path], work_dir: Path, device: str = "cpu"):
-        self.model, self.work_dir, self.device = model, Path(work_dir), device
+    def __init__(self, model, files: dict[str, Path], work_dir: Path | None, device: str = "cpu"):
+        # work_dir None: a read-only store (a reloaded export); releasing a changed layer is then refused
+        self.model, self.work_dir, self.device = model, Path(work_dir) if work_dir else None, device
         self.files: list[dict[str, Path]] = [{} for _ in model.model.layers]
         for name, path in files.items():
             if name.startswith(LAYER_PREFIX):
@@ -185,6 +183,9 @@ class DiskLayers:
     def release(self, index: int, layer: nn.Module, changed: bool = False) -> None:
         """Done with ``layer``: a changed one is written to the work folder first; the model keeps its skeleton."""
         if changed:
+            if self.work_dir is None:
+                raise StreamError(f"layer {index} changed in a model streamed without a work folder; load it with "
+                                  "work_dir")
             self.versions[index] += 1
             path = self.work_dir / f"layer-{index:05d}.v{self.versions[index]}.safetensors"
             self.work_dir.mkdir(parents=True, exist_ok=True)
