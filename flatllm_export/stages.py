@@ -75,9 +75,11 @@ class StageLog:
         t0 = time.time()
         raise_pending()  # a Ctrl-C some library swallowed stops the run here at the latest
         with PeakMemory() as mem:
+            start = mem.peak  # after freed memory went back to the system: what the stage starts from
             yield entry
         raise_pending()
-        entry.update(seconds=round(time.time() - t0, 2), peak_rss_mb=round(mem.peak / 2**20, 1))
+        entry.update(seconds=round(time.time() - t0, 2), peak_rss_mb=round(mem.peak / 2**20, 1),
+                     start_rss_mb=round(start / 2**20, 1))
         if torch.cuda.is_available():
             entry["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
         self.stages[name] = entry
