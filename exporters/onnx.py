@@ -9,6 +9,9 @@ integers, scales and zero points unchanged; embedding and lm_head may be block-q
 and MatMulNBits; a tied pair is written once). ``flatllm_onnx.json`` beside the graph lists every layer's cache
 shape, so a runtime can allocate the past without guessing. The exporter runs the written graph in onnxruntime
 against the same computation in PyTorch (a prefill and a decode step) before it reports success.
+
+The graph is exported part by part (head, each decoder layer from the model's layer store, tail) and stitched
+(``onnx_stitch.py``): one decoder layer is held at a time, and its tensors go to ``model.onnx.data`` at once.
 """
 
 from __future__ import annotations
@@ -31,7 +34,6 @@ from flatllm_export.runtime.ort import META_FILE, META_FORMAT
 from . import ExportContext, ExportError, register
 from . import onnx_graph
 from .onnx_graph import GraphOptions, empty_past, graph_ends, graph_logits
-from .onnx_ops import TMP_DOMAIN
 from .onnx_stitch import OPSET, Stitcher, normalize, tie_embedding
 
 DEFAULT_ACCURACY_LEVEL = 4  # int8 activations: measured faster for +0.5% ppl (README, Speed)
@@ -83,7 +85,7 @@ def export_part(tmp: Path, module, args: tuple, inputs: list[str], outputs: list
     scratch = tmp / "part.onnx"
     torch.onnx.export(module, args, str(scratch), input_names=inputs, output_names=outputs,
                       dynamic_axes={n: AXES[n] for n in inputs + outputs if n in AXES}, opset_version=17,
-                      dynamo=False, do_constant_folding=True, custom_opsets={"com.microsoft": 1, TMP_DOMAIN: 1})
+                      dynamo=False, do_constant_folding=True)  # custom domains: version 1
     proto = onnx.load(str(scratch), load_external_data=True)
     for f in tmp.iterdir():
         f.unlink()

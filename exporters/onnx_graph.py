@@ -1,5 +1,7 @@
-"""The lean decoder graph: the model rebuilt from the export-time stand-ins of ``onnx_ops`` (one node each), and
-the post-processing of the written proto (opset 23, constants as initializers, one copy of each tensor).
+"""The lean decoder graph: the model rebuilt from the export-time stand-ins of ``onnx_ops`` (one node each), in
+parts that are exported one at a time (``onnx_stitch.py`` merges them): ``GraphHead`` (embedding, and the lengths
+or mask every layer shares), one ``GraphLayer`` per decoder layer (built from a copy of that layer only),
+``GraphTail`` (final norm, lm_head). ``graph_logits`` runs the same parts in PyTorch, one layer at a time.
 
 Per decoder layer the graph has: SkipSimplifiedLayerNormalization (residual add + RMSNorm), one matmul for
 Q/K/V and one for gate/up (concatenated N, then Split) when the projections are plain or share one quantization

@@ -103,10 +103,12 @@ class Stitcher:
         from other parts) to graph-level names; everything else is renamed into ``scope``. ``nodes``: where its
         nodes go (default: the graph, in order). Returns the part's renames."""
         g = proto.graph
-        if self.proto is None:  # model-level fields (IR version, producer, opsets) from the first part
+        if self.proto is None:  # model-level fields (IR version, producer) from the first part
             self.proto = onnx.ModelProto()
             self.proto.CopyFrom(proto)
             self.proto.graph.Clear()
+        domains = {op.domain for op in self.proto.opset_import}
+        self.proto.opset_import.extend(op for op in proto.opset_import if op.domain not in domains)
         own = scoped(scope)
         renames = dict(connect)
 
