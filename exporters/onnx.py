@@ -34,7 +34,7 @@ from flatllm_export.runtime.ort import META_FILE, META_FORMAT
 from . import ExportContext, ExportError, register
 from . import onnx_graph
 from .onnx_graph import GraphOptions, empty_past, graph_ends, graph_logits
-from .onnx_stitch import OPSET, Stitcher, normalize, tie_embedding
+from .onnx_stitch import OPSET, Stitcher, lm_head_weight, normalize, tie_embedding
 
 DEFAULT_ACCURACY_LEVEL = 4  # int8 activations: measured faster for +0.5% ppl (README, Speed)
 
@@ -114,14 +114,17 @@ def export_graph(model, path: Path, opts: GraphOptions) -> dict:
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp, warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         x, *lengths = head(ids, mask, *past0)
+        # the tail first: its tensors are on disk before the head's are made (the lm_head's, if tied, read by both)
+        proto = export_part(Path(tmp), tail, (x, x), ["x", "residual"], ["logits"])
+        names = stitch.add(proto, None, {"x": hidden[-1], "residual": residual[-1], "logits": "logits"},
+                           nodes=tail_nodes)
+        lm_head = lm_head_weight(proto.graph)
+        del tail, proto
         head_in = ["input_ids", "attention_mask", *(["past_key_values.0.key"] if standard else [])]
-        head_proto = export_part(Path(tmp), head, (ids, mask, *past0), head_in, ["embeddings", *shared])
-        tail_proto = export_part(Path(tmp), tail, (x, x), ["x", "residual"], ["logits"])
-        tail_names = stitch.add(tail_proto, None, {"x": hidden[-1], "residual": residual[-1], "logits": "logits"},
-                                nodes=tail_nodes)
-        tied = tie_embedding(head_proto.graph, tail_proto.graph, tail_names.get)
-        stitch.add(head_proto, None, {n: n for n in head_in + ["embeddings", *shared]})
-        del head, tail, head_proto, tail_proto
+        proto = export_part(Path(tmp), head, (ids, mask, *past0), head_in, ["embeddings", *shared])
+        tied = tie_embedding(proto.graph, lm_head and (names[lm_head[0]], lm_head[1]))
+        stitch.add(proto, None, {n: n for n in head_in + ["embeddings", *shared]})
+        del head, proto
         lengths = (torch.arange(past_len, past_len + seq).expand(batch, -1), *lengths) if standard else lengths
         local = (["position_ids"] if standard else []) + shared
         for i in range(len(store)):

@@ -153,8 +153,12 @@ def head_weights(model, o: GraphOptions) -> tuple[nn.Module, nn.Module]:
     elif HEAD_BITS[o.lm_head]:
         head_q = quantize_rtn(head.weight.detach().to(o.dtype), HEAD_BITS[o.lm_head], o.block_size)
         lm_head = MatMulNBitsLinear(head_q, head.bias, o.dtype, o.accuracy_level)
-    else:
-        head_q, lm_head = None, _as_dtype(head, o.dtype)
+    else:  # the model's own weight when it is in the graph's dtype already (no copy of vocab x hidden)
+        head_q, lm_head = None, nn.Linear(head.in_features, head.out_features, bias=head.bias is not None,
+                                          device="meta")
+        lm_head.weight = nn.Parameter(head.weight.detach().to(o.dtype), requires_grad=False)
+        if head.bias is not None:
+            lm_head.bias = nn.Parameter(head.bias.detach().to(o.dtype), requires_grad=False)
     bits = HEAD_BITS[o.embedding]
     if bits is None:
         embed = nn.Embedding.from_pretrained(emb_w.to(o.dtype))

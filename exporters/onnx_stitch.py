@@ -21,7 +21,6 @@ from typing import Callable
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
-from onnx.external_data_helper import set_external_data
 
 from flatllm_export.stages import OutputError
 
@@ -50,23 +49,25 @@ def normalize(proto: onnx.ModelProto) -> onnx.ModelProto:
     return proto
 
 
-def tie_embedding(head: onnx.GraphProto, tail: onnx.GraphProto, head_name: Callable[[str], str] = str) -> bool:
-    """When the quantized embedding's table (``head``) holds the same bytes as the lm_head's MatMulNBits weight
-    (``tail``), the head reads a Reshape view of the lm_head's tensor instead of its own copy. ``head_name``:
-    the name the lm_head's tensor will have in the head's namespace."""
-    gathers = [n for n in head.node if n.op_type == "GatherBlockQuantized"]
+def lm_head_weight(tail: onnx.GraphProto) -> tuple[str, str] | None:
+    """(name, sha256 of the bytes) of the lm_head's MatMulNBits weight (the tail's last one), or None."""
     heads = [n for n in tail.node if n.op_type == "MatMulNBits"]
-    if not gathers or not heads:
-        return False
-    gather, lm_head = gathers[0], heads[-1]
-    data = next((t for t in head.initializer if t.name == gather.input[0]), None)
-    b = next((t for t in tail.initializer if t.name == lm_head.input[1]), None)
-    if data is None or b is None or _bytes(data) != _bytes(b):
+    b = next((t for t in tail.initializer if heads and t.name == heads[-1].input[1]), None)
+    return None if b is None else (b.name, hashlib.sha256(_bytes(b)).hexdigest())
+
+
+def tie_embedding(head: onnx.GraphProto, lm_head: tuple[str, str] | None) -> bool:
+    """When the quantized embedding's table (``head``) holds the same bytes as the lm_head's MatMulNBits weight
+    (``lm_head``: its graph name and digest, ``lm_head_weight``), the head reads a Reshape view of that tensor
+    instead of a copy of its own."""
+    gather = next((n for n in head.node if n.op_type == "GatherBlockQuantized"), None)
+    data = next((t for t in head.initializer if gather is not None and t.name == gather.input[0]), None)
+    if data is None or lm_head is None or hashlib.sha256(_bytes(data)).hexdigest() != lm_head[1]:
         return False
     shape = numpy_helper.from_array(np.array(list(data.dims), dtype=np.int64), "embedding_data_shape")
     head.initializer.remove(data)
     head.initializer.append(shape)
-    view = helper.make_node("Reshape", [head_name(b.name), shape.name], ["embedding_data"], name="embedding_data_view")
+    view = helper.make_node("Reshape", [lm_head[0], shape.name], ["embedding_data"], name="embedding_data_view")
     head.node.insert(0, view)
     gather.input[0] = "embedding_data"
     return True
@@ -149,15 +150,17 @@ class Stitcher:
             raise ValueError(f"ONNX stitching: two different tensors are named {name}")
         self.seen[key] = name
         self.initializers.add(name)
-        out = onnx.TensorProto()
-        out.CopyFrom(t)
-        out.name = name
-        if len(data) >= EXTERNAL_BYTES:
-            if not t.HasField("raw_data"):
-                out.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t), name))
+        if len(data) >= EXTERNAL_BYTES:  # a reference only: its bytes are never copied into the graph
             self._append(data)
-            set_external_data(out, self.data_path.name, self.offset - len(data), len(data))
-            out.ClearField("raw_data")
+            out = onnx.TensorProto(name=name, data_type=t.data_type, dims=t.dims,
+                                   data_location=onnx.TensorProto.EXTERNAL)
+            for key, value in (("location", self.data_path.name), ("offset", self.offset - len(data)),
+                               ("length", len(data))):
+                out.external_data.add(key=key, value=str(value))
+        else:
+            out = onnx.TensorProto()
+            out.CopyFrom(t)
+            out.name = name
         self.graph.initializer.append(out)
         return name
 
