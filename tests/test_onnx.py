@@ -342,3 +342,20 @@ def test_graph_is_built_one_decoder_layer_at_a_time(tmp_path, attention):
     (g1, *out1), (g2, *out2) = got.values()
     assert [n.op_type for n in g1.node] == [n.op_type for n in g2.node]
     assert all(np.array_equal(a, b) for a, b in zip(out1[:3], out2[:3])) and torch.equal(out1[3], out2[3])
+
+
+def test_disk_full_while_writing_the_onnx_tensors(monkeypatch, tmp_path, tiny_model_dir):
+    import errno
+    import os
+
+    from exporters import onnx_stitch
+    from flatllm_export.stages import OutputError
+
+    def full(path, mode="r", *args, **kwargs):  # the tensors are appended to model.onnx.data part by part
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(onnx_stitch, "open", full, raising=False)
+    with pytest.raises(OutputError) as err:
+        export("onnx", load_model(str(tiny_model_dir)), None, tmp_path / "onnx", ExportContext())
+    assert str(err.value) == (f"could not write {tmp_path / 'onnx' / 'model.onnx.data'} (No space left on device); "
+                              "free disk space or choose another --output")
