@@ -92,6 +92,50 @@ def export_part(tmp: Path, module, args: tuple, inputs: list[str], outputs: list
     return normalize(proto)
 
 
+def hidden_name(i: int) -> str:  # the graph's value between decoder layers i and i + 1 (-1: the embeddings)
+    return "embeddings" if i < 0 else f"/layers.{i}/hidden"
+
+
+def residual_name(i: int) -> str | None:
+    return None if i < 0 else f"/layers.{i}/residual"
+
+
+def export_ends(stitch: Stitcher, tmp: Path, head, tail, sample: tuple, shared: list[str],
+                n_layers: int) -> tuple[list, bool]:
+    """Merge the tail (its nodes kept apart: they go last) and the head (embeddings and the ``shared`` values),
+    tail first so that its tensors are on disk before the head's are made, and a tied embedding can read the
+    lm_head's. Returns (tail nodes, tied)."""
+    x = head(*sample)[0]
+    proto = export_part(tmp, tail, (x, x), ["x", "residual"], ["logits"])
+    tail_nodes = []
+    renames = stitch.add(proto, None, {"x": hidden_name(n_layers - 1), "residual": residual_name(n_layers - 1),
+                                       "logits": "logits"}, nodes=tail_nodes)
+    lm_head = lm_head_weight(proto.graph)
+    del proto
+    inputs = ["input_ids", "attention_mask", *(["past_key_values.0.key"] if head.takes_positions else [])]
+    outputs = ["embeddings", *shared]
+    proto = export_part(tmp, head, sample, inputs, outputs)
+    tied = tie_embedding(proto.graph, lm_head and (renames[lm_head[0]], lm_head[1]))
+    stitch.add(proto, None, {n: n for n in inputs + outputs})
+    return tail_nodes, tied
+
+
+def export_layer(stitch: Stitcher, tmp: Path, i: int, graph, x: torch.Tensor, lengths: dict, past_len: int,
+                 g: torch.Generator) -> None:
+    """Merge decoder layer i (``graph``, a GraphLayer) between layers i - 1 and i + 1. ``lengths``: the sample
+    values every layer reads (graph input position_ids, the head's shared values), by graph name."""
+    shared = list(lengths)
+    inputs = ["x", *(["residual"] if i else []), *shared, "past_key", "past_value"]
+    args = (x, x if i else None, tuple(lengths.values()), *empty_past(graph, x.shape[0], past_len, g))
+    proto = export_part(tmp, graph, args, inputs, ["x_out", "residual_out", "present_key", "present_value"])
+    stitch.add(proto, f"layers.{i}", {
+        **{n: n for n in shared}, "rotary.cos": "rotary.cos", "rotary.sin": "rotary.sin",
+        "x": hidden_name(i - 1), "residual": residual_name(i - 1), "x_out": hidden_name(i),
+        "residual_out": residual_name(i), "past_key": f"past_key_values.{i}.key",
+        "past_value": f"past_key_values.{i}.value", "present_key": f"present.{i}.key",
+        "present_value": f"present.{i}.value"})
+
+
 def export_graph(model, path: Path, opts: GraphOptions) -> dict:
     """Write the graph (``path``) and its tensors (``path``.data) part by part: head (embedding + lengths), each
     decoder layer (taken from the model's layer store, exported, merged, handed back), tail (norm + lm_head).
@@ -100,51 +144,28 @@ def export_graph(model, path: Path, opts: GraphOptions) -> dict:
     store = layers_of(model)
     head, tail, rotary = graph_ends(model, opts)
     standard = head.takes_positions
-    inputs, outputs = io_names(cfg.num_hidden_layers, standard)
     batch, seq, past_len = 2, 3, 4  # >= 2 so no dynamic dim is specialised
     ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
-    mask, g = torch.ones(batch, past_len + seq, dtype=torch.long), torch.Generator().manual_seed(1)
-    first = cache_layout(cfg, opts.pad_value_cache)[0]
-    past0 = [torch.zeros(batch, first["num_kv_heads"], past_len, first["key_dim"], dtype=opts.dtype)] if standard \
-        else []
-    shared = SHARED[opts.attention]
-    hidden = ["embeddings"] + [f"/layers.{i}/hidden" for i in range(len(store))]
-    residual = [None] + [f"/layers.{i}/residual" for i in range(len(store))]
-    stitch, tail_nodes = Stitcher(path.with_name(path.name + ".data")), []
+    first = cache_layout(cfg, opts.pad_value_cache)[0]  # the mask reads layer 0's past length
+    past0 = [torch.zeros(batch, first["num_kv_heads"], past_len, first["key_dim"], dtype=opts.dtype)] * standard
+    sample = (ids, torch.ones(batch, past_len + seq, dtype=torch.long), *past0)
+    stitch, g = Stitcher(path.with_name(path.name + ".data")), torch.Generator().manual_seed(1)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp, warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        x, *lengths = head(ids, mask, *past0)
-        # the tail first: its tensors are on disk before the head's are made (the lm_head's, if tied, read by both)
-        proto = export_part(Path(tmp), tail, (x, x), ["x", "residual"], ["logits"])
-        names = stitch.add(proto, None, {"x": hidden[-1], "residual": residual[-1], "logits": "logits"},
-                           nodes=tail_nodes)
-        lm_head = lm_head_weight(proto.graph)
-        del tail, proto
-        head_in = ["input_ids", "attention_mask", *(["past_key_values.0.key"] if standard else [])]
-        proto = export_part(Path(tmp), head, (ids, mask, *past0), head_in, ["embeddings", *shared])
-        tied = tie_embedding(proto.graph, lm_head and (names[lm_head[0]], lm_head[1]))
-        stitch.add(proto, None, {n: n for n in head_in + ["embeddings", *shared]})
-        del head, proto
-        lengths = (torch.arange(past_len, past_len + seq).expand(batch, -1), *lengths) if standard else lengths
-        local = (["position_ids"] if standard else []) + shared
+        x, *computed = head(*sample)
+        lengths = {**({"position_ids": torch.arange(past_len, past_len + seq).expand(batch, -1)} if standard
+                      else {}), **dict(zip(SHARED[opts.attention], computed))}
+        tail_nodes, tied = export_ends(stitch, Path(tmp), head, tail, sample, SHARED[opts.attention], len(store))
+        del head, tail
         for i in range(len(store)):
             layer = store.load(i)
             graph = onnx_graph.graph_layer(layer, rotary, opts)
             store.release(i, layer)
             del layer
-            names = ["x", *(["residual"] if i else []), *local, "past_key", "past_value"]
-            proto = export_part(Path(tmp), graph, (x, x if i else None, tuple(lengths), *empty_past(graph, batch,
-                                past_len, g)), names, ["x_out", "residual_out", "present_key", "present_value"])
+            export_layer(stitch, Path(tmp), i, graph, x, lengths, past_len, g)
             del graph
-            stitch.add(proto, f"layers.{i}", {
-                "x": hidden[i], "residual": residual[i], **{n: n for n in local}, "rotary.cos": "rotary.cos",
-                "rotary.sin": "rotary.sin", "past_key": f"past_key_values.{i}.key",
-                "past_value": f"past_key_values.{i}.value", "x_out": hidden[i + 1],
-                "residual_out": residual[i + 1], "present_key": f"present.{i}.key",
-                "present_value": f"present.{i}.value"})
-            del proto
     stitch.graph.node.extend(tail_nodes)
-    onnx.save(stitch.finish(inputs, outputs), str(path))
+    onnx.save(stitch.finish(*io_names(cfg.num_hidden_layers, standard)), str(path))
     return {"tied_embedding": tied}
 
 
