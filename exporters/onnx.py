@@ -9,12 +9,14 @@ integers, scales and zero points unchanged; embedding and lm_head may be block-q
 and MatMulNBits; a tied pair is written once). ``flatllm_onnx.json`` beside the graph lists every layer's cache
 shape, so a runtime can allocate the past without guessing. The exporter runs the written graph in onnxruntime
 against the same computation in PyTorch (a prefill and a decode step) before it reports success.
+
+The graph is exported part by part (head, each decoder layer from the model's layer store, tail) and stitched
+(``onnx_stitch.py``): one decoder layer is held at a time, and its tensors go to ``model.onnx.data`` at once.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -24,16 +26,17 @@ import onnx
 import torch
 
 from flatllm_export.evaluate import torch_logits_fn
+from flatllm_export.modeling.streaming import layers_of
 from flatllm_export.parity import DEFAULT_K, judge, judge_logits, onnx_floor_kind
 from flatllm_export.quantize.qlinear import QuantLinear
 from flatllm_export.runtime.ort import META_FILE, META_FORMAT
 
 from . import ExportContext, ExportError, register
-from .onnx_graph import OPSET, GraphDecoder, GraphOptions, finalize
-from .onnx_ops import TMP_DOMAIN
+from . import onnx_graph
+from .onnx_graph import GraphOptions, empty_past, graph_ends, graph_logits
+from .onnx_stitch import OPSET, Stitcher, lm_head_weight, normalize, tie_embedding
 
 DEFAULT_ACCURACY_LEVEL = 4  # int8 activations: measured faster for +0.5% ppl (README, Speed)
-EXTERNAL_DATA_BYTES = 2**31 - 2**24  # a graph larger than this keeps its tensors in model.onnx.data (protobuf: 2 GB)
 
 
 def io_names(n_layers: int, positions: bool = False) -> tuple[list[str], list[str]]:
@@ -66,37 +69,104 @@ def options(model, ctx: ExportContext) -> GraphOptions:
                         attention=ctx.extra.get("attention", "gqa"))
 
 
-def export_graph(model, path: Path, opts: GraphOptions) -> GraphDecoder:
-    """Write the graph; returns the PyTorch module it was traced from (the self-check's reference)."""
-    dec = GraphDecoder(model, opts).eval()
-    n_layers = model.config.num_hidden_layers
-    inputs, outputs = io_names(n_layers, dec.takes_positions)
+# dynamic dims of the graph's and the parts' inputs and outputs
+AXES = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total_sequence"},
+        "position_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"},
+        "past_key_values.0.key": {0: "batch", 2: "past_sequence"}, "seqlens_k": {0: "batch"},
+        "attention_bias": {0: "batch", 2: "sequence", 3: "total_sequence"},
+        **{n: {0: "batch", 2: "past_sequence"} for n in ("past_key", "past_value")},
+        **{n: {0: "batch", 2: "total_sequence"} for n in ("present_key", "present_value")},
+        **{n: {0: "batch", 1: "sequence"} for n in ("embeddings", "x", "residual", "x_out", "residual_out")}}
+SHARED = {"gqa": ["seqlens_k", "total_sequence_length"], "standard": ["attention_bias"]}  # computed by the head
+
+
+def export_part(tmp: Path, module, args: tuple, inputs: list[str], outputs: list[str]) -> onnx.ModelProto:
+    """One part of the graph exported on its own (TorchScript), normalized (opset 23, constants as initializers)."""
+    scratch = tmp / "part.onnx"
+    torch.onnx.export(module, args, str(scratch), input_names=inputs, output_names=outputs,
+                      dynamic_axes={n: AXES[n] for n in inputs + outputs if n in AXES}, opset_version=17,
+                      dynamo=False, do_constant_folding=True)  # custom domains: version 1
+    proto = onnx.load(str(scratch), load_external_data=True)
+    for f in tmp.iterdir():
+        f.unlink()
+    return normalize(proto)
+
+
+def hidden_name(i: int) -> str:  # the graph's value between decoder layers i and i + 1 (-1: the embeddings)
+    return "embeddings" if i < 0 else f"/layers.{i}/hidden"
+
+
+def residual_name(i: int) -> str | None:
+    return None if i < 0 else f"/layers.{i}/residual"
+
+
+def export_ends(stitch: Stitcher, tmp: Path, head, tail, sample: tuple, shared: list[str],
+                n_layers: int) -> tuple[list, bool]:
+    """Merge the tail (its nodes kept apart: they go last) and the head (embeddings and the ``shared`` values),
+    tail first so that its tensors are on disk before the head's are made, and a tied embedding can read the
+    lm_head's. Returns (tail nodes, tied)."""
+    x = head(*sample)[0]
+    proto = export_part(tmp, tail, (x, x), ["x", "residual"], ["logits"])
+    tail_nodes = []
+    renames = stitch.add(proto, None, {"x": hidden_name(n_layers - 1), "residual": residual_name(n_layers - 1),
+                                       "logits": "logits"}, nodes=tail_nodes)
+    lm_head = lm_head_weight(proto.graph)
+    del proto
+    inputs = ["input_ids", "attention_mask", *(["past_key_values.0.key"] if head.takes_positions else [])]
+    outputs = ["embeddings", *shared]
+    proto = export_part(tmp, head, sample, inputs, outputs)
+    tied = tie_embedding(proto.graph, lm_head and (renames[lm_head[0]], lm_head[1]))
+    stitch.add(proto, None, {n: n for n in inputs + outputs})
+    return tail_nodes, tied
+
+
+def export_layer(stitch: Stitcher, tmp: Path, i: int, graph, x: torch.Tensor, lengths: dict, past_len: int,
+                 g: torch.Generator) -> None:
+    """Merge decoder layer i (``graph``, a GraphLayer) between layers i - 1 and i + 1. ``lengths``: the sample
+    values every layer reads (graph input position_ids, the head's shared values), by graph name."""
+    shared = list(lengths)
+    inputs = ["x", *(["residual"] if i else []), *shared, "past_key", "past_value"]
+    args = (x, x if i else None, tuple(lengths.values()), *empty_past(graph, x.shape[0], past_len, g))
+    proto = export_part(tmp, graph, args, inputs, ["x_out", "residual_out", "present_key", "present_value"])
+    stitch.add(proto, f"layers.{i}", {
+        **{n: n for n in shared}, "rotary.cos": "rotary.cos", "rotary.sin": "rotary.sin",
+        "x": hidden_name(i - 1), "residual": residual_name(i - 1), "x_out": hidden_name(i),
+        "residual_out": residual_name(i), "past_key": f"past_key_values.{i}.key",
+        "past_value": f"past_key_values.{i}.value", "present_key": f"present.{i}.key",
+        "present_value": f"present.{i}.value"})
+
+
+def export_graph(model, path: Path, opts: GraphOptions) -> dict:
+    """Write the graph (``path``) and its tensors (``path``.data) part by part: head (embedding + lengths), each
+    decoder layer (taken from the model's layer store, exported, merged, handed back), tail (norm + lm_head).
+    Returns {"tied_embedding": whether the embedding reads the lm_head's quantized table}."""
+    cfg = model.config
+    store = layers_of(model)
+    head, tail, rotary = graph_ends(model, opts)
+    standard = head.takes_positions
     batch, seq, past_len = 2, 3, 4  # >= 2 so no dynamic dim is specialised
-    ids = torch.randint(0, model.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
-    past, g = [], torch.Generator().manual_seed(1)
-    for c in cache_layout(model.config, opts.pad_value_cache):
-        past += [torch.randn(batch, c["num_kv_heads"], past_len, c["key_dim"], generator=g).to(opts.dtype),
-                 torch.randn(batch, c["num_kv_heads"], past_len, c["value_dim"], generator=g).to(opts.dtype)]
-    positions = [torch.arange(past_len, past_len + seq).expand(batch, -1)] if dec.takes_positions else []
-    args = (ids, torch.ones(batch, past_len + seq, dtype=torch.long), *positions, *past)
-    axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total_sequence"},
-            "position_ids": {0: "batch", 1: "sequence"}, "logits": {0: "batch", 1: "sequence"}}
-    for name in inputs[2 + len(positions):]:
-        axes[name] = {0: "batch", 2: "past_sequence"}
-    for name in outputs[1:]:
-        axes[name] = {0: "batch", 2: "total_sequence"}
+    ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+    first = cache_layout(cfg, opts.pad_value_cache)[0]  # the mask reads layer 0's past length
+    past0 = [torch.zeros(batch, first["num_kv_heads"], past_len, first["key_dim"], dtype=opts.dtype)] * standard
+    sample = (ids, torch.ones(batch, past_len + seq, dtype=torch.long), *past0)
+    stitch, g = Stitcher(path.with_name(path.name + ".data")), torch.Generator().manual_seed(1)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp, warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
-        scratch = Path(tmp) / "model.onnx"
-        torch.onnx.export(dec, args, str(scratch), input_names=inputs, output_names=outputs, dynamic_axes=axes,
-                          opset_version=17, dynamo=False, do_constant_folding=True,
-                          custom_opsets={"com.microsoft": 1, TMP_DOMAIN: 1})
-        proto = finalize(onnx.load(str(scratch), load_external_data=True))
-        large = proto.ByteSize() > EXTERNAL_DATA_BYTES if len(list(Path(tmp).iterdir())) == 1 else True
-        # over 2 GB the tensors go to one model.onnx.data beside the graph
-        onnx.save(proto, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
-                  location=path.name + ".data", size_threshold=1024)
-    return dec
+        x, *computed = head(*sample)
+        lengths = {**({"position_ids": torch.arange(past_len, past_len + seq).expand(batch, -1)} if standard
+                      else {}), **dict(zip(SHARED[opts.attention], computed))}
+        tail_nodes, tied = export_ends(stitch, Path(tmp), head, tail, sample, SHARED[opts.attention], len(store))
+        del head, tail
+        for i in range(len(store)):
+            layer = store.load(i)
+            graph = onnx_graph.graph_layer(layer, rotary, opts)
+            store.release(i, layer)
+            del layer
+            export_layer(stitch, Path(tmp), i, graph, x, lengths, past_len, g)
+            del graph
+    stitch.graph.node.extend(tail_nodes)
+    onnx.save(stitch.finish(*io_names(cfg.num_hidden_layers, standard)), str(path))
+    return {"tied_embedding": tied}
 
 
 def write_metadata(model, out: Path, dtype: str, opts: GraphOptions, int4: bool) -> dict:
@@ -168,8 +238,8 @@ def write_onnx(model, tokenizer, out: Path, ctx: ExportContext, opts: GraphOptio
               "embedding": meta["embedding"], "lm_head": meta["lm_head"],
               "bytes": sum(f.stat().st_size for f in out.iterdir() if f.name.startswith("model.onnx"))}
     approximate = meta["approximate_head"]
-    ref = (GraphDecoder(model, GraphOptions(**{**opts.__dict__, "dtype": torch.float32})).eval().logits
-           if approximate else None)
+    fp32 = GraphOptions(**{**opts.__dict__, "dtype": torch.float32})
+    ref = (lambda ids: graph_logits(model, fp32, ids)) if approximate else None
     report.update(self_check(model, out, ctx.dtype, int4, opts.accuracy_level, ctx.noise_k, ref))
     return report
 

@@ -1,5 +1,7 @@
-"""The lean decoder graph: the model rebuilt from the export-time stand-ins of ``onnx_ops`` (one node each), and
-the post-processing of the written proto (opset 23, constants as initializers, one copy of each tensor).
+"""The lean decoder graph: the model rebuilt from the export-time stand-ins of ``onnx_ops`` (one node each), in
+parts that are exported one at a time (``onnx_stitch.py`` merges them): ``GraphHead`` (embedding, and the lengths
+or mask every layer shares), one ``GraphLayer`` per decoder layer (built from a copy of that layer only),
+``GraphTail`` (final norm, lm_head). ``graph_logits`` runs the same parts in PyTorch, one layer at a time.
 
 Per decoder layer the graph has: SkipSimplifiedLayerNormalization (residual add + RMSNorm), one matmul for
 Q/K/V and one for gate/up (concatenated N, then Split) when the projections are plain or share one quantization
@@ -16,21 +18,18 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
-import numpy as np
-import onnx
 import torch
 import torch.nn.functional as F
-from onnx import helper, numpy_helper
 from torch import nn
 
-from flatllm_export.modeling.modeling_flatllm import LowRankLinear, attention_mask_4d
+from flatllm_export.modeling.modeling_flatllm import attention_mask_4d
+from flatllm_export.modeling.streaming import layers_of
 from flatllm_export.quantize.gptq import quantize_rtn
 from flatllm_export.quantize.qlinear import QuantLinear
 
-from .onnx_ops import (TMP_DOMAIN, FusedNorm, MatMulNBitsLinear, QuantEmbedding, RotaryCache, attention,
+from .onnx_ops import (FusedNorm, MatMulNBitsLinear, QuantEmbedding, RotaryCache, attention,
                        concat_quantized, gqa_lengths, group_query_attention, pad_last, reshape_bt)
 
-OPSET = 23
 HEAD_BITS = {"float": None, "int8": 8, "int4": 4}
 
 
@@ -136,20 +135,30 @@ class GraphLayer(nn.Module):
         return self.down(F.silu(gate) * up), residual, pk, pv
 
 
+def _as_dtype(module: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A copy of one (small or single-layer) module in ``dtype``: the graph is built from copies, never from the
+    model's own modules (the graph modules may rewrap their children)."""
+    return copy.deepcopy(module).to(dtype).eval()
+
+
 def head_weights(model, o: GraphOptions) -> tuple[nn.Module, nn.Module]:
     """(embedding, lm_head) as graph modules. A tied, equally quantized pair shares one quantized weight, which
-    the post-processing writes once (GatherBlockQuantized reads the lm_head's MatMulNBits data)."""
-    emb_w = model.model.embed_tokens.weight.detach().float()
+    the stitching writes once (GatherBlockQuantized reads the lm_head's MatMulNBits data)."""
+    emb_w = model.model.embed_tokens.weight.detach().to(o.dtype).float()
     head = model.lm_head
     tied = bool(model.config.tie_word_embeddings)
     if isinstance(head, QuantLinear):
         head_q = head.quantized()
         lm_head = MatMulNBitsLinear(head_q, head.bias, o.dtype, o.accuracy_level)
     elif HEAD_BITS[o.lm_head]:
-        head_q = quantize_rtn(head.weight, HEAD_BITS[o.lm_head], o.block_size)
+        head_q = quantize_rtn(head.weight.detach().to(o.dtype), HEAD_BITS[o.lm_head], o.block_size)
         lm_head = MatMulNBitsLinear(head_q, head.bias, o.dtype, o.accuracy_level)
-    else:
-        head_q, lm_head = None, copy.deepcopy(head).to(o.dtype)
+    else:  # the model's own weight when it is in the graph's dtype already (no copy of vocab x hidden)
+        head_q, lm_head = None, nn.Linear(head.in_features, head.out_features, bias=head.bias is not None,
+                                          device="meta")
+        lm_head.weight = nn.Parameter(head.weight.detach().to(o.dtype), requires_grad=False)
+        if head.bias is not None:
+            lm_head.bias = nn.Parameter(head.bias.detach().to(o.dtype), requires_grad=False)
     bits = HEAD_BITS[o.embedding]
     if bits is None:
         embed = nn.Embedding.from_pretrained(emb_w.to(o.dtype))
@@ -160,102 +169,72 @@ def head_weights(model, o: GraphOptions) -> tuple[nn.Module, nn.Module]:
     return embed, lm_head
 
 
-class GraphDecoder(nn.Module):
-    """What the graph computes: (input_ids, attention_mask, [position_ids,] *past) -> (logits, *presents);
-    position_ids only with the standard Attention op (GroupQueryAttention derives positions from the mask)."""
+class GraphHead(nn.Module):
+    """What the graph computes before the first layer: the embedding lookup, and what every layer shares,
+    computed once per call: (seqlens_k, total) for GroupQueryAttention, or the 4-D causal + padding mask for the
+    standard Attention op (which also reads position_ids, a graph input)."""
 
-    def __init__(self, model, o: GraphOptions):
+    def __init__(self, embed: nn.Module, o: GraphOptions):
         super().__init__()
-        cfg = model.config
-        model = copy.deepcopy(model).to(o.dtype).eval()
-        self.embed, self.lm_head = head_weights(model, o)
-        self.rotary = RotaryCache(model.model.rotary_emb, cfg.max_position_embeddings, cfg.head_dim, o.dtype)
-        self.layers = nn.ModuleList(GraphLayer(layer, self.rotary, o) for layer in model.model.layers)
-        self.norm = FusedNorm(model.model.norm)
+        self.embed = embed
         self.takes_positions = o.attention != "gqa"
 
-    def forward(self, input_ids, attention_mask, *rest):
+    def forward(self, input_ids, attention_mask, past_key=None):
+        """(embeddings, seqlens_k, total) or (embeddings, mask); ``past_key`` (layer 0's) only for the mask."""
         x = self.embed(input_ids)
         if self.takes_positions:
-            position_ids, *past = rest
-            lengths = (position_ids, attention_mask_4d(attention_mask, input_ids.shape[1], past[0].shape[2],
-                                                       x.dtype, x.device))
-        else:
-            past, lengths = rest, gqa_lengths(attention_mask)
-        residual, presents = None, []
-        for i, layer in enumerate(self.layers):
-            x, residual, pk, pv = layer(x, residual, lengths, past[2 * i], past[2 * i + 1])
-            presents += [pk, pv]
+            return x, attention_mask_4d(attention_mask, input_ids.shape[1], past_key.shape[2], x.dtype, x.device)
+        return (x, *gqa_lengths(attention_mask))
+
+
+class GraphTail(nn.Module):
+    """After the last layer: residual add + final RMSNorm, lm_head."""
+
+    def __init__(self, norm: nn.Module, lm_head: nn.Module):
+        super().__init__()
+        self.norm, self.lm_head = FusedNorm(norm), lm_head
+
+    def forward(self, x, residual):
         h, _ = self.norm(x, residual)
-        return (self.lm_head(h), *presents)
-
-    def logits(self, ids: torch.Tensor) -> torch.Tensor:
-        """Logits of a whole batch (no past) in PyTorch: the reference the written graph must match."""
-        empty = []
-        for layer in self.layers:
-            dv = layer.dim if layer.pad else layer.v_dim
-            shape = (ids.shape[0], layer.kv_heads, 0)
-            empty += [torch.zeros(*shape, layer.dim, dtype=self.rotary.cos.dtype),
-                      torch.zeros(*shape, dv, dtype=self.rotary.cos.dtype)]
-        positions = [torch.arange(ids.shape[1]).expand_as(ids)] if self.takes_positions else []
-        return self(ids, torch.ones_like(ids), *positions, *empty)[0]
+        return self.lm_head(h)
 
 
-def finalize(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """Placeholder-domain ops to the default domain at opset 23; Constant nodes become initializers; identical
-    initializers are kept once; a quantized embedding reads the tied lm_head's MatMulNBits data."""
-    g = proto.graph
-    for node in g.node:
-        if node.domain == TMP_DOMAIN:
-            node.domain = ""
-    imports = [op for op in proto.opset_import if op.domain not in ("", TMP_DOMAIN)]
-    del proto.opset_import[:]
-    proto.opset_import.extend([helper.make_opsetid("", OPSET), *imports])
-    consts = [n for n in g.node if n.op_type == "Constant" and n.attribute[0].name == "value"]
-    for n in consts:
-        t = copy.deepcopy(n.attribute[0].t)
-        t.name = n.output[0]
-        g.initializer.append(t)
-        g.node.remove(n)
-    _tie_embedding(g)
-    _dedupe_initializers(g)
-    return proto
+def graph_ends(model, o: GraphOptions) -> tuple[GraphHead, GraphTail, RotaryCache]:
+    """The parts of the graph outside the decoder layers, and the rotary cache every layer shares."""
+    cfg = model.config
+    embed, lm_head = head_weights(model, o)
+    rotary = RotaryCache(_as_dtype(model.model.rotary_emb, o.dtype), cfg.max_position_embeddings, cfg.head_dim,
+                         o.dtype)
+    return GraphHead(embed, o).eval(), GraphTail(_as_dtype(model.model.norm, o.dtype), lm_head).eval(), rotary
 
 
-def _rename_inputs(g, renames: dict[str, str]) -> None:
-    for node in g.node:
-        for i, name in enumerate(node.input):
-            if name in renames:
-                node.input[i] = renames[name]
+def graph_layer(layer: nn.Module, rotary: RotaryCache, o: GraphOptions) -> "GraphLayer":
+    """One decoder layer as graph modules, built from a copy of it in the graph's dtype."""
+    return GraphLayer(_as_dtype(layer, o.dtype), rotary, o).eval()
 
 
-def _dedupe_initializers(g) -> None:
-    seen, renames, keep = {}, {}, []
-    for t in g.initializer:
-        key = (t.data_type, tuple(t.dims), numpy_helper.to_array(t).tobytes())
-        if key in seen:
-            renames[t.name] = seen[key]
-        else:
-            seen[key] = t.name
-            keep.append(t)
-    del g.initializer[:]
-    g.initializer.extend(keep)
-    _rename_inputs(g, renames)
+def empty_past(layer: "GraphLayer", batch: int, length: int = 0, generator=None) -> tuple[torch.Tensor, ...]:
+    """A layer's past keys and values (batch, kv_heads, length, dim): zeros, or random with ``generator``."""
+    dtype = layer.rotary.cos.dtype
+    dims = (layer.dim, layer.dim if layer.pad else layer.v_dim)
+    if generator is None:
+        return tuple(torch.zeros(batch, layer.kv_heads, length, d, dtype=dtype) for d in dims)
+    return tuple(torch.randn(batch, layer.kv_heads, length, d, generator=generator).to(dtype) for d in dims)
 
 
-def _tie_embedding(g) -> None:
-    inits = {t.name: t for t in g.initializer}
-    gathers = [n for n in g.node if n.op_type == "GatherBlockQuantized"]
-    heads = [n for n in g.node if n.op_type == "MatMulNBits"]
-    if not gathers or not heads:
-        return
-    gather, head = gathers[0], heads[-1]  # the lm_head is the last matmul
-    data, b = inits.get(gather.input[0]), inits.get(head.input[1])
-    if data is None or b is None or numpy_helper.to_array(data).tobytes() != numpy_helper.to_array(b).tobytes():
-        return
-    shape = numpy_helper.from_array(np.array(list(data.dims), dtype=np.int64), "embedding_data_shape")
-    g.initializer.remove(data)
-    g.initializer.append(shape)
-    view = helper.make_node("Reshape", [b.name, shape.name], ["embedding_data"], name="embedding_data_view")
-    g.node.insert(0, view)
-    gather.input[0] = "embedding_data"
+@torch.no_grad()
+def graph_logits(model, o: GraphOptions, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of a whole batch (no past) computed in PyTorch by the graph's own modules, one decoder layer at a
+    time (each taken from the model's layer store and handed back): the reference the written graph must match."""
+    head, tail, rotary = graph_ends(model, o)
+    store = layers_of(model)
+    x, *shared = head(ids, torch.ones_like(ids), torch.zeros(ids.shape[0], 1, 0, 1))
+    lengths = (torch.arange(ids.shape[1]).expand_as(ids), *shared) if head.takes_positions else tuple(shared)
+    residual = None
+    for i in range(len(store)):
+        layer = store.load(i)
+        graph = graph_layer(layer, rotary, o)
+        store.release(i, layer)
+        del layer
+        x, residual, _, _ = graph(x, residual, lengths, *empty_past(graph, ids.shape[0]))
+    return tail(x, residual)

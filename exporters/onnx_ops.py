@@ -1,6 +1,6 @@
 """Export-time stand-ins: each computes its reference result in PyTorch and exports as ONE onnxruntime node.
 
-The ONNX exporter swaps them into a copy of the model (``exporters/onnx_graph.py``) so the written graph is
+The ONNX exporter builds the graph's parts from them (``exporters/onnx_graph.py``) so the written graph is
 lean: fused residual-add + RMSNorm, rotary with a cos/sin cache, the standard ``Attention`` op with the KV cache
 inside, quantized matmuls and a quantized embedding lookup. Shapes are attributes or constants, never computed
 per token: reshapes keep batch and sequence with Reshape's 0 ("copy this dim").

@@ -16,16 +16,14 @@ from flatllm_export import data
 
 from .conftest import ROOT
 
-# the command line in a fresh interpreter; PATCH lines run first (ROOT is the cwd, so this checkout is imported)
-PRELUDE = "import sys\n{patch}\nfrom flatllm_export.cli import main\nsys.exit(main())\n"
-# every run of the byte-identity test writes the ONNX tensors to model.onnx.data, as a graph over 2 GB does
-EXTERNAL = "import exporters.onnx as o; o.EXTERNAL_DATA_BYTES = 0"
+# the command line in a fresh interpreter (ROOT is the cwd, so this checkout is imported)
+PRELUDE = "import sys\nfrom flatllm_export.cli import main\nsys.exit(main())\n"
 
 
-def start(*args, patch: str = "") -> subprocess.Popen:
+def start(*args) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     started = time.time() - 0.01  # file times may be rounded down a little
-    proc = subprocess.Popen([sys.executable, "-c", PRELUDE.format(patch=patch), *map(str, args)], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-c", PRELUDE, *map(str, args)], cwd=ROOT,
                             env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     proc.started = started
@@ -182,13 +180,13 @@ def test_killed_runs_leave_nothing_complete_and_the_rerun_is_byte_identical(setu
         "export": {"targets": ["hf", "gptq", "onnx"]}})
     first, again = folder / "first", folder / "again"
     partial = folder / "again.partial"
-    reference = start("run", recipe, "--output", first, patch=EXTERNAL)  # alongside the stopped runs
+    reference = start("run", recipe, "--output", first)  # alongside the stopped runs
     rng = random.Random()
     seed = rng.randrange(10**6)
     rng.seed(seed)
 
     delay = rng.uniform(0.0, 1.0)  # the work after the partial folder appears takes longer, on any machine
-    proc = start("run", recipe, "--output", again, patch=EXTERNAL)
+    proc = start("run", recipe, "--output", again)
     wait_for(partial, proc)
     time.sleep(delay)
     assert proc.poll() is None, f"the run finished within {delay:.2f} s: nothing left to kill"
@@ -196,14 +194,14 @@ def test_killed_runs_leave_nothing_complete_and_the_rerun_is_byte_identical(setu
     proc.wait()
     assert not again.exists(), f"SIGKILL {delay:.2f} s into the work (seed {seed})"
 
-    proc = start("run", recipe, "--output", again, patch=EXTERNAL)
+    proc = start("run", recipe, "--output", again)
     wait_for(partial / "hf" / "model.safetensors", proc)  # the exports have begun
     proc.kill()
     proc.wait()
     assert not again.exists() and partial.is_dir()  # a stale partial folder, named as such
 
     delay = rng.uniform(0.0, 0.5)
-    proc = start("run", recipe, "--output", again, patch=EXTERNAL)
+    proc = start("run", recipe, "--output", again)
     wait_for(partial / "recipe.yaml", proc)
     time.sleep(delay)
     assert proc.poll() is None, f"the run finished within {delay:.2f} s: nothing left to interrupt"
@@ -213,7 +211,7 @@ def test_killed_runs_leave_nothing_complete_and_the_rerun_is_byte_identical(setu
     assert f"note: removed {partial}, left by an earlier run that did not finish" in err
     assert no_output(again), f"Ctrl-C {delay:.2f} s into the work (seed {seed})"
 
-    proc = start("run", recipe, "--output", again, patch=EXTERNAL)
+    proc = start("run", recipe, "--output", again)
     rc, err = finish(proc)
     assert rc == 0, err[-2000:]
     rc, err = finish(reference)

@@ -180,7 +180,7 @@ def test_num_logits_to_keep_rewrite_gives_the_last_logits_only(tmp_path):
 
 
 def op_counts(folder):
-    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    model = onnx.load(str(folder / "model.onnx"))  # with the tensors of model.onnx.data
     counts = {}
     for n in model.graph.node:
         counts[n.op_type] = counts.get(n.op_type, 0) + 1
@@ -305,3 +305,57 @@ def test_tied_model_with_gptq_lm_head_round_trips_and_exports_one_table(tmp_path
     packed = [d for d in shapes if d[0] == onnx.TensorProto.UINT8]  # the int4 table, (vocab, blocks, 16)
     assert ops["GatherBlockQuantized"] == 1 and len(packed) == 1, shapes
     assert (onnx.TensorProto.FLOAT, [vocab, hidden]) not in shapes  # no float embedding table
+
+
+@pytest.mark.parametrize("attention", ["gqa", "standard"])
+def test_graph_is_built_one_decoder_layer_at_a_time(tmp_path, attention):
+    import numpy as np
+
+    from exporters import onnx as onnx_exporter
+    from exporters.onnx_graph import graph_logits
+    from flatllm_export.runtime.ort import OrtDecoder
+
+    model = load_model("ref-gqa")  # FLAP: every layer its own KV heads and MLP size; int4 head: approximate head
+    compress(model, windows("ref-gqa", split="train")[:4], CompressionSection(method="flap", ratio=0.3))
+    export("hf", model, None, tmp_path / "hf", ExportContext())
+    # streamed: the model holds meta skeletons, its store reads a layer from disk per load and counts the live ones
+    streamed = load_model(str(tmp_path / "hf"), stream=True, work_dir=tmp_path / "work")
+    assert all(p.is_meta for p in streamed.model.layers.parameters())
+    opts = onnx_exporter.options(model, ExportContext(extra={"attention": attention, "lm_head": "int4",
+                                                             "embedding": "int4"}))
+    ids = windows("ref-gqa", n=2)[:, :24]
+    got = {}
+    for name, m in {"memory": model, "streamed": streamed}.items():
+        folder = tmp_path / name
+        folder.mkdir()
+        onnx_exporter.export_graph(m, folder / "model.onnx", opts)
+        onnx_exporter.write_metadata(m, folder, "float32", opts, False)
+        proto = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+        assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer
+                   if np.prod(t.dims) * 4 >= 4096)  # large tensors live in model.onnx.data only
+        dec = OrtDecoder(folder)
+        logits, past = dec.forward(ids[:, :20].numpy())
+        got[name] = [proto.graph, (folder / "model.onnx.data").read_bytes(), logits,
+                     dec.forward(ids[:, 20:21].numpy(), past)[0], graph_logits(m, opts, ids)]
+    store = streamed.layer_store
+    assert store.loads == 2 * len(store) and store.peak_live == 1 and store.live == 0  # graph, then reference
+    (g1, *out1), (g2, *out2) = got.values()
+    assert [n.op_type for n in g1.node] == [n.op_type for n in g2.node]
+    assert all(np.array_equal(a, b) for a, b in zip(out1[:3], out2[:3])) and torch.equal(out1[3], out2[3])
+
+
+def test_disk_full_while_writing_the_onnx_tensors(monkeypatch, tmp_path, tiny_model_dir):
+    import errno
+    import os
+
+    from exporters import onnx_stitch
+    from flatllm_export.stages import OutputError
+
+    def full(path, mode="r", *args, **kwargs):  # the tensors are appended to model.onnx.data part by part
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(onnx_stitch, "open", full, raising=False)
+    with pytest.raises(OutputError) as err:
+        export("onnx", load_model(str(tiny_model_dir)), None, tmp_path / "onnx", ExportContext())
+    assert str(err.value) == (f"could not write {tmp_path / 'onnx' / 'model.onnx.data'} (No space left on device); "
+                              "free disk space or choose another --output")

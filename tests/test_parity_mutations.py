@@ -11,6 +11,7 @@ from transformers import AutoTokenizer
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 import exporters.onnx as onnx_exporter
+import exporters.onnx_graph as onnx_graph
 import onnx
 from exporters import ExportContext, ExportError, check_reload, export
 from flatllm_export import data
@@ -69,13 +70,12 @@ def untie_head(model):  # a tied lm_head untied and perturbed (relative 1e-3 noi
     model.lm_head.weight.data = w + 1e-3 * w.std() * torch.randn(w.shape, generator=g)
 
 
-class ValuesOneOff(onnx_exporter.GraphDecoder):
-    """The graph reads the past values one position off (past keys stay right): prefill is untouched."""
+class ValuesOneOff(onnx_graph.GraphLayer):
+    """Every layer reads its past values one position off (past keys stay right): prefill is untouched."""
 
-    def forward(self, input_ids, attention_mask, *rest):
-        n = 2 * len(self.layers)  # rest: [position_ids,] *past
-        past = [torch.cat([p[:, :, :1], p[:, :, :-1]], dim=2) if i % 2 else p for i, p in enumerate(rest[-n:])]
-        return super().forward(input_ids, attention_mask, *rest[:-n], *past)
+    def forward(self, x, residual, lengths, past_k, past_v):
+        past_v = torch.cat([past_v[:, :, :1], past_v[:, :, :-1]], dim=2)
+        return super().forward(x, residual, lengths, past_k, past_v)
 
 
 EXACT = ExportContext(extra={"accuracy_level": 0})  # float32 activations: the tight floor a mutation must break
@@ -83,10 +83,10 @@ MUTATIONS = {"scales": scales_up, "value_heads": swap_value_heads, "rope_base": 
              "kv_cache": None}
 
 
-def write_onnx(model, out, monkeypatch=None, graph_class=None):
+def write_onnx(model, out, monkeypatch=None, layer_class=None):
     out.mkdir(parents=True)
-    if graph_class is not None:
-        monkeypatch.setattr(onnx_exporter, "GraphDecoder", graph_class)
+    if layer_class is not None:
+        monkeypatch.setattr(onnx_graph, "GraphLayer", layer_class)
     opts = onnx_exporter.options(model, EXACT)
     onnx_exporter.export_graph(model, out / "model.onnx", opts)
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph

@@ -104,8 +104,8 @@ def _run_recipe(tmp_path, name, stream):
     raw["calibration"].update(nsamples=16, seqlen=128)
     raw["evaluation"].update(seqlen=128, max_windows=4)
     raw["validation"]["generate_tokens"] = 8
-    raw["export"]["targets"] = ["hf", "gptq"]  # TODO onnx once it streams
-    raw["validation"]["runtimes"] = ["torch", "gptq"]
+    raw["export"]["targets"] = ["hf", "gptq", "onnx"]
+    raw["validation"]["runtimes"] = ["torch", "gptq", "onnxruntime"]
     return run(parse_recipe(raw), tmp_path / name)
 
 
