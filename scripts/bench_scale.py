@@ -141,7 +141,8 @@ def build_model(folder: Path, s: dict) -> dict:
             "parameters": size // 4, "shape": s}
     if model_complete(folder, s):
         print(f"bench_scale: reusing {folder} ({size / 1e9:.2f} GB fp32, {len(shards)} shards)", flush=True)
-        return {**info, "built_seconds": json.loads((folder / MARKER).read_text()).get("built_seconds")}
+        marker = json.loads((folder / MARKER).read_text())
+        return {**info, **{k: marker.get(k) for k in ("built_seconds", "builder_peak_rss_mb")}}
     print(f"bench_scale: building a random-weight Llama of {size / 1e9:.2f} GB fp32 ({size // 4 / 1e9:.2f}B "
           f"parameters) in {folder}, one shard at a time", flush=True)
     if folder.exists():
@@ -173,9 +174,14 @@ def build_model(folder: Path, s: dict) -> dict:
         if (tok_dir / f).is_file():
             shutil.copy2(tok_dir / f, folder / f)
     info["built_seconds"] = round(time.time() - t0, 1)
+    import resource
+
+    info["builder_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     (folder / MARKER).write_text(json.dumps({"shape": s, "fp32_bytes": total, "built_seconds": info["built_seconds"],
+                                             "builder_peak_rss_mb": info["builder_peak_rss_mb"],
                                              "tokenizer_from": str(tok_dir)}, indent=1) + "\n")
-    print(f"bench_scale: built {folder}: {total / 1e9:.2f} GB in {info['built_seconds']:.0f} s", flush=True)
+    print(f"bench_scale: built {folder}: {total / 1e9:.2f} GB in {info['built_seconds']:.0f} s, peak RSS "
+          f"{info['builder_peak_rss_mb']:.0f} MB", flush=True)
     return info
 
 
