@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import platform
+import shutil
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from . import accounting, data, report
-from .evaluate import perplexity, torch_logits_fn
+from .evaluate import model_perplexity
 from .modeling import load_model, load_tokenizer
 from .recipe import Recipe, RecipeError, dump_recipe
 from .stages import OutputDir, StageLog, finished_folder, read_json
@@ -35,7 +38,7 @@ def calibration_windows(recipe: Recipe, tokenizer) -> torch.Tensor:
 
 def _evaluate(model, tokenizer, recipe: Recipe, windows: torch.Tensor, point: str, rep: dict) -> dict:
     """Perplexity on the windows (returned) and, with evaluation.tasks, lm-eval task accuracy into rep['tasks']."""
-    stats = perplexity(torch_logits_fn(model), windows, recipe.evaluation.batch_size, desc=f"ppl {point}")
+    stats = model_perplexity(model, windows, recipe.evaluation.batch_size, recipe.model.device, desc=f"ppl {point}")
     if recipe.evaluation.tasks:
         from . import lmeval
 
@@ -44,6 +47,34 @@ def _evaluate(model, tokenizer, recipe: Recipe, windows: torch.Tensor, point: st
                                              for t, r in res.items()}
         rep["_last_task_results"] = res  # the model as exported: validation's torch row (popped before writing)
     return stats
+
+
+def activations(recipe: Recipe):
+    """The calibration activations' storage the recipe asks for (dtype, spill folder)."""
+    from .calibration import activation_storage
+    from .modeling.loading import DTYPES
+
+    cal = recipe.calibration
+    return activation_storage(DTYPES.get(cal.activation_dtype), cal.spill_dir and Path(cal.spill_dir).expanduser())
+
+
+@contextlib.contextmanager
+def layer_folder(recipe: Recipe, work: Path):
+    """Where a streamed run writes its changed layers: a fresh folder in model.stream_dir or in the work folder;
+    removed when the run ends (the output folder holds only the exports)."""
+    if not recipe.model.stream:
+        yield None
+        return
+    if recipe.model.stream_dir:
+        base = Path(recipe.model.stream_dir).expanduser()
+        base.mkdir(parents=True, exist_ok=True)
+        folder = Path(tempfile.mkdtemp(prefix="flatllm-layers-", dir=base))
+    else:
+        folder = work / ".layers"
+    try:
+        yield folder
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def run(recipe: Recipe, output: str | Path, overwrite: bool = False, keep_failed: bool = False) -> dict:
@@ -57,7 +88,7 @@ def run(recipe: Recipe, output: str | Path, overwrite: bool = False, keep_failed
                                  "host": platform.machine()}}
     if recipe.warnings():
         rep["warnings"] = recipe.warnings()
-    with out as work:
+    with out as work, layer_folder(recipe, work) as layers:
         (work / "recipe.yaml").write_text(dump_recipe(recipe))
         if recipe.evaluation and recipe.evaluation.tasks:
             from .lmeval import check_tasks
@@ -65,7 +96,8 @@ def run(recipe: Recipe, output: str | Path, overwrite: bool = False, keep_failed
             with log.stage("tasks") as st:  # every task's data loaded (hub tasks too) before any model work
                 st.update(documents=check_tasks(recipe.evaluation, load_data=True))
         with log.stage("load") as st:
-            model = load_model(recipe.model.path, recipe.model.dtype, recipe.model.device)
+            model = load_model(recipe.model.path, recipe.model.dtype, "cpu" if recipe.model.stream else
+                               recipe.model.device, stream=recipe.model.stream, work_dir=layers)
             tokenizer = load_tokenizer(recipe.model.path)
             st.update(path=model.name_or_path, source_model_type=model.config.source_model_type)
             problems = recipe.context_problems(model.config.max_position_embeddings)
@@ -87,7 +119,7 @@ def run(recipe: Recipe, output: str | Path, overwrite: bool = False, keep_failed
             with log.stage("calibration_data") as st:
                 calib = calibration_windows(recipe, tokenizer)
                 st.update(windows=list(calib.shape))
-            with log.stage("compress") as st:
+            with log.stage("compress") as st, activations(recipe):
                 # GPTQ packing wants every linear's in/out a multiple of 32, and int4 kernels (GPTQModel's CPU
                 # kernel, for one) want in_features a multiple of the group size: shape the ranks for both
                 q = recipe.quantization
@@ -108,7 +140,7 @@ def run(recipe: Recipe, output: str | Path, overwrite: bool = False, keep_failed
                 with log.stage("calibration_data") as st:
                     calib = calibration_windows(recipe, tokenizer)
                     st.update(windows=list(calib.shape))
-            with log.stage("quantize") as st:
+            with log.stage("quantize") as st, activations(recipe):
                 # a quantized lm_head of the model's own bit width is GPTQ-calibrated here (the checkpoint formats
                 # hold one bit width); another width is rounded to nearest by the ONNX exporter
                 head_bits = {"int4": 4, "int8": 8}.get(recipe.head_format("lm_head"))
@@ -143,6 +175,10 @@ def run(recipe: Recipe, output: str | Path, overwrite: bool = False, keep_failed
                                            rep.get("_last_task_results")))
             rep["validation"] = log.stages["validate"]
         rep.pop("_last_task_results", None)
+        if layers is not None:
+            shutil.rmtree(layers, ignore_errors=True)
+            rep["model"]["streamed_layer_loads"] = model.layer_store.loads
+            rep["model"]["most_layers_in_memory"] = model.layer_store.peak_live
         rep["stages"] = log.stages
         rep["total_seconds"] = round(sum(s["seconds"] for s in log.stages.values()), 2)
         (work / "report.json").write_text(json.dumps(rep, indent=1) + "\n")
@@ -163,7 +199,7 @@ def validate_outputs(folder: Path, recipe: Recipe, tokenizer, model, note: str, 
         windows[name] = evaluation_windows(recipe.model_copy(update={"evaluation": ev}), tokenizer)
     others, gptq_model = [], None
     if "gptq" in val.runtimes:
-        gptq_model = load_model(str(folder / "gptq"))
+        gptq_model = load_model(str(folder / "gptq"), stream=recipe.model.stream)
         others.append(torch_runtime("gptq", gptq_model, "reloaded checkpoint"))
     if "onnxruntime" in val.runtimes:
         others.append(onnx_runtime(folder / "onnx"))
@@ -220,8 +256,8 @@ def validate_dir(folder: str | Path) -> dict:
     ref_dir = folder / "gptq" if (folder / "gptq").is_dir() else folder / "hf"
     if not ref_dir.is_dir():
         raise ValueError(f"{folder} has neither gptq/ nor hf/: export a PyTorch target to validate against")
-    result = validate_outputs(folder, recipe, load_tokenizer(str(ref_dir)), load_model(str(ref_dir)),
-                              f"reloaded {ref_dir.name}/")
+    result = validate_outputs(folder, recipe, load_tokenizer(str(ref_dir)),
+                              load_model(str(ref_dir), stream=recipe.model.stream), f"reloaded {ref_dir.name}/")
     (folder / "validation.json").write_text(json.dumps(result, indent=1) + "\n")
     (folder / "validation.md").write_text(report.validation_markdown(result))
     return result

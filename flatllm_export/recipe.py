@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import os
+import tempfile
 from pathlib import Path
 from typing import Literal, Optional, Union
 
@@ -34,11 +35,33 @@ def _check_dataset(value: str) -> str:
     raise ValueError(f"'{value}' is neither a known dataset ({', '.join(known)}) nor an existing text file or glob")
 
 
+def _writable_folder(v: Optional[str]) -> Optional[str]:
+    """A folder that exists and can be written, or can be made inside one that can."""
+    if v is None:
+        return v
+    path = Path(os.path.expanduser(v)).absolute()
+    parent = next(p for p in (path, *path.parents) if p.exists())
+    if not parent.is_dir():
+        raise ValueError(f"'{v}' is not a folder ({parent} is a file): give a folder")
+    try:  # try it: permission bits say nothing to root, and a read-only file system only shows on writing
+        tempfile.TemporaryDirectory(dir=parent).cleanup()
+    except OSError as exc:
+        raise ValueError(f"'{v}' is not writable ({parent}: {exc.strerror}): give a folder you can write to") from None
+    return v
+
+
 class ModelSection(Strict):
     path: str = Field(description="local HF folder, .gguf file, short name (ref-llama, ref-gqa, smollm2-135m) "
                       "or hub id")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    device: str = "cpu"
+    device: str = Field("cpu", description="where each decoder layer is computed (with stream: only the current "
+                        "layer is there)")
+    stream: bool = Field(False, description="read decoder layers from the safetensors files one at a time and write "
+                         "changed layers to stream_dir: memory holds embeddings, lm_head and one layer")
+    stream_dir: Optional[str] = Field(None, description="where streamed layers are written while the run works "
+                                      "(default: inside the output folder; removed when the run ends)")
+
+    _stream_dir = field_validator("stream_dir")(classmethod(lambda cls, v: _writable_folder(v)))
 
     @field_validator("path")
     @classmethod
@@ -71,8 +94,13 @@ class CalibrationSection(Strict):
     seqlen: int = Field(256, ge=8, le=131_072)
     seed: int = 0
     batch_size: int = Field(8, ge=1, le=1024)
+    activation_dtype: Literal["model", "float32", "bfloat16", "float16"] = Field(
+        "model", description="dtype calibration activations are kept in between layers (model: the model's dtype)")
+    spill_dir: Optional[str] = Field(None, description="keep calibration activations in memory-mapped files in "
+                                     "this folder (for activations larger than memory); removed when done")
 
     _dataset = field_validator("dataset")(classmethod(lambda cls, v: _check_dataset(v)))
+    _spill_dir = field_validator("spill_dir")(classmethod(lambda cls, v: _writable_folder(v)))
 
 
 class TaskEntry(Strict):
@@ -285,6 +313,9 @@ class Recipe(Strict):
     @model_validator(mode="after")
     def _cross(self) -> "Recipe":
         targets = self.export.targets if self.export else []
+        if self.model.stream and self.evaluation is not None and self.evaluation.tasks:
+            raise ValueError("evaluation.tasks scores the whole model in memory (lm-eval's HFLM): it cannot run with "
+                             "model.stream: true; remove evaluation.tasks or set model.stream: false")
         if "gptq" in targets and self.quantization is None:
             raise ValueError("export.targets has 'gptq' but there is no quantization section to produce it")
         q = self.quantization

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .calibration import layer0_inputs, run_layers
+from .modeling.streaming import layers_of
 from .quantize.qlinear import QuantLinear
 
 LM_HEAD_ROWS = 8192  # lm_head rows widened to float64 at a time
@@ -81,7 +82,8 @@ def float64_hidden(model, ids: torch.Tensor, batch_size: int = 8) -> torch.Tenso
     emb, _, _ = layer0_inputs(model, ids, batch_size)
     cos, sin = rotary64(model.config, core.rotary_emb, ids.shape[1], min(batch_size, ids.shape[0]))
     device = next(core.layers[0].parameters()).device
-    hidden = run_layers(core.layers, emb.to(torch.float64), cos, sin, None, device, batch_size,
+    device = "cpu" if device.type == "meta" else device  # a streamed model's layers are read onto the host
+    hidden = run_layers(layers_of(model), emb.to(torch.float64), cos, sin, None, device, batch_size,
                         desc="float64 reference", working_copy=float64_layer)
     return RMSNorm64(core.norm.weight.cpu(), _norm_eps(core.norm))(hidden)
 

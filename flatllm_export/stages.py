@@ -27,6 +27,17 @@ def _rss_bytes() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _release_free_memory() -> None:
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # glibc: return freed heap pages to the system
+    except (OSError, AttributeError):  # another C library: RSS then includes what was freed before
+        pass
+
+
 class PeakMemory:
     """Samples this process's resident memory in a thread; the peak since start (plus CUDA peak if any)."""
 
@@ -39,6 +50,8 @@ class PeakMemory:
             self.peak = max(self.peak, _rss_bytes())
 
     def __enter__(self):
+        _release_free_memory()  # what earlier stages freed but the allocator kept is not this stage's peak
+        self.peak = _rss_bytes()
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
         self._thread.start()

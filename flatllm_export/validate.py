@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .evaluate import nll_sum, torch_logits_fn
+from .modeling.streaming import is_streamed
 from .parity import (DTYPE_OF_KIND, KIND_OF_DTYPE, SampleStats, base_kind, floors_from, greedy_divergence, judge,
                      onnx_floor_kind)
 from .reference import float64_hidden, float64_logits, float64_project, with_dtype
@@ -26,7 +27,13 @@ PROMPT_TOKENS = 16
 
 @torch.no_grad()
 def greedy_torch(model, ids: torch.Tensor, new_tokens: int) -> np.ndarray:
-    """Greedy decoding with the model's KV cache, exactly ``new_tokens`` tokens (no EOS stop)."""
+    """Greedy decoding with the model's KV cache, exactly ``new_tokens`` tokens (no EOS stop). A streamed model
+    recomputes the whole sequence each step (each layer is read once per step; no cache outlives a layer)."""
+    if is_streamed(model):
+        logits_fn, seq = torch_logits_fn(model), ids
+        for _ in range(new_tokens):
+            seq = torch.cat([seq, logits_fn(seq)[:, -1].argmax(-1, keepdim=True)], 1)
+        return seq.numpy()
     device = next(model.parameters()).device
     out = model(ids.to(device), use_cache=True)
     seq = [ids]

@@ -8,7 +8,7 @@ from safetensors.numpy import load_file as np_load_file
 from exporters import ExportContext, ExportError, export
 from flatllm_export.api import evaluation_windows, run
 from flatllm_export.compress import compress_flatllm
-from flatllm_export.evaluate import perplexity, torch_logits_fn
+from flatllm_export.evaluate import model_perplexity
 from flatllm_export.modeling import load_model
 from flatllm_export.quantize import QuantizationError, quantize_model
 from flatllm_export.quantize.gptq import grid, quantize_weight
@@ -130,7 +130,7 @@ def test_compress_quantize_export_reload_is_exact(tmp_path):
     reloaded = load_model(str(tmp_path / "out" / "gptq"))
     windows = evaluation_windows(recipe, __import__("transformers").AutoTokenizer.from_pretrained(
         str(tmp_path / "out" / "gptq")))
-    got = perplexity(torch_logits_fn(reloaded), windows, recipe.evaluation.batch_size)["ppl"]
+    got = model_perplexity(reloaded, windows, recipe.evaluation.batch_size)["ppl"]
     assert got == rep["perplexity"]["quantized"]
     assert rep["perplexity"]["quantized"] < rep["perplexity"]["dense"] * 1.5
     assert rep["exports"]["gptq"]["bytes"] < rep["exports"]["hf"]["bytes"] / 2

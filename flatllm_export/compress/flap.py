@@ -12,6 +12,7 @@ import torch
 
 from .. import accounting
 from ..calibration import capture, run_sequential
+from ..modeling.streaming import layers_of
 from .surgery import reshape_layer
 
 METRICS = ("IFV", "WIFV", "WIFN")
@@ -56,13 +57,17 @@ def removed_cost(units: list[dict], removed: set[int]) -> int:
 
 # ----------------------------------------------------------------------------------------------- glue
 class FlapStats:
-    """Engine method: per layer, running sums of the inputs of o_proj and down_proj (float64)."""
+    """Engine method: per layer, running sums of the inputs of o_proj and down_proj (float64), and each input
+    channel's score under ``metric`` (read while the layer's weights are at hand: a streamed model holds one
+    layer at a time)."""
 
-    def __init__(self):
+    def __init__(self, metric: str = "WIFV"):
+        self.metric = metric
         self.stats: list[dict] = []
 
     def process_layer(self, index, layer, run) -> bool:
         acc = {}
+        mods = {"o": layer.self_attn.o_proj, "down": layer.mlp.down_proj}
 
         def on_in(name, x):
             x = x.to(torch.float64)
@@ -71,33 +76,31 @@ class FlapStats:
             s[1] = s[1] + x.sum(0)
             s[2] = s[2] + x.pow(2).sum(0)
 
-        with capture({"o": layer.self_attn.o_proj, "down": layer.mlp.down_proj}, on_in, "input"):
+        with capture(mods, on_in, "input"):
             run.forward()
         out = {}
         for name, (n, s1, s2) in acc.items():
             mean = (s1 / n).cpu()
             var = (s2.cpu() / n - mean.pow(2)).clamp_min(0) * n / max(n - 1, 1)  # unbiased
-            out[name] = {"mean": mean, "var": var}
+            score = channel_scores(mean, var, mods[name].weight.detach().cpu(), self.metric)
+            out[name] = {"mean": mean, "var": var, "score": score}
         self.stats.append(out)
         return False
 
 
-def _units(model, stats, metric: str) -> tuple[list[dict], list[dict]]:
+def _units(model, stats) -> tuple[list[dict], list[dict]]:
     """Head-group units and MLP-channel units with raw scores and exact parameter costs."""
     cfg, hidden = model.config, model.config.hidden_size
     heads, chans = [], []
-    for i, layer in enumerate(model.model.layers):
-        s = cfg.layer_shapes[i]
+    for i, s in enumerate(cfg.layer_shapes):
         h, kv, dv, d = s["num_heads"], s["num_kv_heads"], s["v_head_dim"], cfg.head_dim
         groups = h // kv
-        o = stats[i]["o"]
-        per_ch = channel_scores(o["mean"], o["var"], layer.self_attn.o_proj.weight.detach().cpu(), metric)
+        per_ch = stats[i]["o"]["score"]
         group_score = per_ch.view(kv, groups * dv).sum(1)  # a KV group = its query heads' o_proj columns
         cost = hidden * (groups * d + d + dv) + groups * dv * hidden  # q rows, k rows, v rows, o columns
         for g in range(kv):
             heads.append({"layer": i, "index": g, "raw": float(group_score[g]), "cost": cost})
-        dn = stats[i]["down"]
-        ch = channel_scores(dn["mean"], dn["var"], layer.mlp.down_proj.weight.detach().cpu(), metric)
+        ch = stats[i]["down"]["score"]
         for c in range(ch.numel()):
             chans.append({"layer": i, "index": c, "raw": float(ch[c]), "cost": 3 * hidden})
     return heads, chans
@@ -124,11 +127,11 @@ def _protect_best_head(heads: list[dict]) -> None:
         u["protected"] = True
 
 
-def plan_flap(model, stats, ratio: float, metric: str = "WIFV", structure: str = "AL-AM") -> dict[int, dict]:
+def plan_flap(model, stats, ratio: float, structure: str = "AL-AM") -> dict[int, dict]:
     """Removed head groups and channels per layer: {layer: {'groups': [...], 'channels': [...]}}."""
     if structure not in STRUCTURES:
         raise ValueError(f"unknown FLAP structure '{structure}'; use one of {STRUCTURES}")
-    heads, chans = _units(model, stats, metric)
+    heads, chans = _units(model, stats)
     _protect_best_head(heads)
     for c in chans:
         c["protected"] = False
@@ -200,15 +203,16 @@ def align_channels(plan: dict[int, dict], chan_scores: dict[int, torch.Tensor], 
 def apply_flap(model, stats, plan: dict[int, dict]) -> None:
     """Remove the planned KV groups and channels, adding bias compensation W[:, pruned] @ mean[pruned] to the
     o_proj and down_proj biases."""
-    cfg = model.config
-    for i, layer in enumerate(model.model.layers):
-        s, attn, mlp = cfg.layer_shapes[i], layer.self_attn, layer.mlp
+    cfg, store = model.config, layers_of(model)
+    for i, s in enumerate(cfg.layer_shapes):
         kv, dv, d = s["num_kv_heads"], s["v_head_dim"], cfg.head_dim
         groups = s["num_heads"] // kv
         keep_g = [g for g in range(kv) if g not in set(plan[i]["groups"])]
         keep_c = [c for c in range(s["intermediate_size"]) if c not in set(plan[i]["channels"])]
         if len(keep_g) == kv and len(keep_c) == s["intermediate_size"]:
             continue
+        layer = store.load(i)
+        attn, mlp = layer.self_attn, layer.mlp
         ref = attn.o_proj.weight
         q_rows = torch.tensor([(g * groups + j) * d + e for g in keep_g for j in range(groups) for e in range(d)])
         k_rows = torch.tensor([g * d + e for g in keep_g for e in range(d)])
@@ -237,6 +241,8 @@ def apply_flap(model, stats, plan: dict[int, dict]) -> None:
                     "mlp.down_proj.bias": d_bias + wd.double()[:, c_pruned] @ d_mean[c_pruned]})
         reshape_layer(layer, cfg, i, new, num_heads=len(keep_g) * groups, num_kv_heads=len(keep_g),
                       intermediate_size=len(keep_c), o_bias=True, down_bias=True)
+        store.release(i, layer, changed=True)
+        del layer, attn, mlp, new
 
 
 def compress_flap(model, windows: torch.Tensor, ratio: float, metric: str = "WIFV", structure: str = "AL-AM",
@@ -245,13 +251,11 @@ def compress_flap(model, windows: torch.Tensor, ratio: float, metric: str = "WIF
     config = model.config
     before = accounting.decoder_linear_params(config)
     t0 = time.time()
-    collector = FlapStats()
+    collector = FlapStats(metric)
     run_sequential(model, windows, collector, device, batch_size, desc="flap statistics")
-    plan = plan_flap(model, collector.stats, ratio, metric, structure)
+    plan = plan_flap(model, collector.stats, ratio, structure)
     if linear_multiple > 1:
-        scores = {i: channel_scores(st["down"]["mean"], st["down"]["var"],
-                                    model.model.layers[i].mlp.down_proj.weight.detach().cpu(), metric)
-                  for i, st in enumerate(collector.stats)}
+        scores = {i: st["down"]["score"] for i, st in enumerate(collector.stats)}
         align_channels(plan, scores, [s["intermediate_size"] for s in config.layer_shapes], linear_multiple)
     apply_flap(model, collector.stats, plan)
     after = accounting.decoder_linear_params(config)

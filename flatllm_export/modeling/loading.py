@@ -18,6 +18,7 @@ from ..stages import read_json
 from .configuration_flatllm import FlatLlamaConfig
 from .gguf_import import gguf_folder, smollm2_dir, smollm2_folder
 from .modeling_flatllm import FlatLlamaForCausalLM
+from .streaming import LAYER_PREFIX, DiskLayers, meta_tensors, read_tensors, tensor_files
 
 SUPPORTED = ("llama", "mistral", FlatLlamaConfig.model_type)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -139,8 +140,11 @@ def flat_config_from_hf(cfg) -> FlatLlamaConfig:
     )
 
 
-def load_model(path: str, dtype: str = "float32", device: str = "cpu") -> FlatLlamaForCausalLM:
-    """Any supported checkpoint as a FlatLlamaForCausalLM (dense ones get uniform per-layer shapes)."""
+def load_model(path: str, dtype: str = "float32", device: str = "cpu", stream: bool = False,
+               work_dir: str | Path | None = None) -> FlatLlamaForCausalLM:
+    """Any supported checkpoint as a FlatLlamaForCausalLM (dense ones get uniform per-layer shapes). ``stream``:
+    decoder layers stay on disk (meta skeletons in the model, read one at a time through ``model.layer_store``;
+    layers a method changes are written to ``work_dir``); embeddings, final norm and lm_head are loaded."""
     if dtype not in DTYPES:
         raise ModelLoadError(f"model.dtype '{dtype}' is not supported; use one of {list(DTYPES)}")
     folder = resolve_model_path(path)
@@ -156,7 +160,13 @@ def load_model(path: str, dtype: str = "float32", device: str = "cpu") -> FlatLl
             print(f"note: {path} uses a sliding window of {window} tokens; flatllm-export attends to the whole "
                   f"sequence, which is the same only for sequences of at most {window} tokens")
         config = flat_config_from_hf(hf_config)
-    state = read_safetensors(folder)
+    if stream:
+        files = tensor_files(Path(folder))
+        names = sorted(files)
+        state = {**read_tensors(files, [n for n in names if not n.startswith(LAYER_PREFIX)]),
+                 **meta_tensors(files, [n for n in names if n.startswith(LAYER_PREFIX)])}
+    else:
+        state = read_safetensors(folder)
     quant = raw.get("quantization_config")
     # a GPTQ-quantized lm_head is its own tensor: the float embedding is not tied to it (the config keeps
     # tie_word_embeddings, so an ONNX export still writes one quantized table for both)
@@ -186,11 +196,18 @@ def load_model(path: str, dtype: str = "float32", device: str = "cpu") -> FlatLl
     if tied:
         model.tie_weights()
     try:
-        model.to(device=device, dtype=DTYPES[dtype])
+        if stream:  # the layers' meta skeletons take the dtype; their data is read (and converted) per layer
+            layers, model.model.layers = model.model.layers, torch.nn.ModuleList()
+            model.to(device=device, dtype=DTYPES[dtype])
+            model.model.layers = layers.to(dtype=DTYPES[dtype])
+        else:
+            model.to(device=device, dtype=DTYPES[dtype])
     except (RuntimeError, AssertionError) as exc:
         raise ModelLoadError(f"model.device '{device}' is not usable here ({exc}); use cpu") from exc
     model.eval()
     model.name_or_path = folder
+    if stream:
+        model.layer_store = DiskLayers(model, files, Path(work_dir) if work_dir else None)
     return model
 
 

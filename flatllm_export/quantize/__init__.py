@@ -100,7 +100,7 @@ def quantize_lm_head(model, hidden: torch.Tensor, section, bits: int, device: st
     hess = torch.zeros(head.in_features, head.in_features, dtype=torch.float64, device=device)
     count = 0
     for batch in hidden.split(batch_size):
-        x = norm(batch.to(device))
+        x = norm(batch.to(device, norm.weight.dtype))
         count = accumulate_hessian(hess, x.reshape(-1, x.shape[-1]), count)
     q, diag = quantize_weight(head.weight, hess, bits, section.group_size, section.sym, section.desc_act,
                               section.damp_percent, section.block_size, name="lm_head")
