@@ -476,7 +476,7 @@ def write_docs(results: list[dict], facts: dict, args, notes: list[str]) -> None
         notes.append("FLAT-LLM variant `paper` (leverage-score MLP channels): the default variant `ablation` failed on "
                      "the random model's first layer after over 160 s ('covariance is not positive definite even "
                      "with 1% damping', in greedy_output_channels): its greedy MLP selection breaks when the channels "
-                     "kept (4,838 of 6,912) outnumber the calibration tokens (16 x 256 = 4,096), so the covariance is "
+                     "kept (about 70% of 6,912 at 30%) outnumber the calibration tokens (16 x 256 = 4,096), so the covariance is "
                      "rank-deficient (reproduced on a 1,500-wide covariance of 600 tokens keeping 1,050). Measured "
                      "per layer at this width: `paper` 33 s with the machine otherwise lightly loaded, 89 s when "
                      "shared three ways.")
