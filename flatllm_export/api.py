@@ -175,8 +175,7 @@ def run(recipe: Recipe, output: str | Path, overwrite: bool = False, keep_failed
                                            rep.get("_last_task_results")))
             rep["validation"] = log.stages["validate"]
         rep.pop("_last_task_results", None)
-        if layers is not None:
-            shutil.rmtree(layers, ignore_errors=True)
+        if layers is not None:  # (layer_folder removes the layer files before the output folder is completed)
             rep["model"]["streamed_layer_loads"] = model.layer_store.loads
             rep["model"]["most_layers_in_memory"] = model.layer_store.peak_live
         rep["stages"] = log.stages

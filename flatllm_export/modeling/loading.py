@@ -18,7 +18,7 @@ from ..stages import read_json
 from .configuration_flatllm import FlatLlamaConfig
 from .gguf_import import gguf_folder, smollm2_dir, smollm2_folder
 from .modeling_flatllm import FlatLlamaForCausalLM
-from .streaming import LAYER_PREFIX, DiskLayers, meta_tensors, read_tensors, tensor_files
+from .streaming import LAYER_PREFIX, DiskLayers, StreamError, meta_tensors, read_tensors, tensor_files
 
 SUPPORTED = ("llama", "mistral", FlatLlamaConfig.model_type)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -70,25 +70,17 @@ def model_context(path: str) -> int | None:
 
 def read_safetensors(folder: str) -> dict[str, torch.Tensor]:
     """The whole state dict from model.safetensors or a sharded index; refuses pickled checkpoints."""
-    index = Path(folder) / "model.safetensors.index.json"
-    single = Path(folder) / "model.safetensors"
-    if single.exists():
-        return _load_checked(single)
-    if index.exists():
-        try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, AttributeError) as exc:
-            raise ModelLoadError(f"{index} is not a safetensors index (no weight_map: {exc}); restore the file") \
-                from None
-        state: dict[str, torch.Tensor] = {}
-        for shard in shards:
-            path = Path(folder) / shard
-            if not path.exists():
-                raise ModelLoadError(f"{index} lists the shard {shard}, which is missing from {folder}; copy the "
-                                     "whole model folder again")
-            state.update(_load_checked(path))
-        return state
-    raise ModelLoadError(_no_weights(folder))
+    folder = Path(folder)
+    if not any((folder / f).exists() for f in ("model.safetensors", "model.safetensors.index.json")):
+        raise ModelLoadError(_no_weights(folder))
+    try:
+        shards = sorted(set(tensor_files(folder).values()))  # the index read and its shards checked once, there
+    except StreamError as exc:
+        raise ModelLoadError(str(exc)) from None
+    state: dict[str, torch.Tensor] = {}
+    for path in shards:
+        state.update(_load_checked(path))
+    return state
 
 
 def _no_weights(folder) -> str:
@@ -207,7 +199,7 @@ def load_model(path: str, dtype: str = "float32", device: str = "cpu", stream: b
     model.eval()
     model.name_or_path = folder
     if stream:
-        model.layer_store = DiskLayers(model, files, Path(work_dir) if work_dir else None)
+        model.layer_store = DiskLayers(model, files, work_dir)
     return model
 
 

@@ -11,6 +11,7 @@ frees it. So at most the layer being worked on is materialized, and the methods 
 from __future__ import annotations
 
 import copy
+import json
 import os
 import weakref
 from pathlib import Path
@@ -56,8 +57,6 @@ def is_streamed(model) -> bool:
 def tensor_files(folder: Path) -> dict[str, Path]:
     """name -> safetensors file of every tensor of a model folder (single file or sharded index); a shard the
     index lists but the folder lacks is named."""
-    import json
-
     single, index = folder / "model.safetensors", folder / "model.safetensors.index.json"
     if single.is_file():
         with _open(single) as f:
@@ -81,13 +80,18 @@ def _open(path: Path):
         raise StreamError(f"{path} is truncated or corrupt ({exc}); download or copy the model again") from None
 
 
+def _by_file(files: dict[str, Path], names) -> dict[Path, list[str]]:
+    """``names`` grouped by the file that holds them, so each file is opened once."""
+    out: dict[Path, list[str]] = {}
+    for n in names:
+        out.setdefault(files[n], []).append(n)
+    return out
+
+
 def meta_tensors(files: dict[str, Path], names) -> dict[str, torch.Tensor]:
     """Meta tensors (shape and dtype from the file headers, no data) for ``names``."""
-    by_file: dict[Path, list[str]] = {}
-    for n in names:
-        by_file.setdefault(files[n], []).append(n)
     out = {}
-    for path, keys in by_file.items():
+    for path, keys in _by_file(files, names).items():
         with _open(path) as f:
             for k in keys:
                 sl = f.get_slice(k)
@@ -102,11 +106,8 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF
 
 def read_tensors(files: dict[str, Path], names) -> dict[str, torch.Tensor]:
     """The tensors ``names``, read into memory (each file opened and closed once)."""
-    by_file: dict[Path, list[str]] = {}
-    for n in names:
-        by_file.setdefault(files[n], []).append(n)
     out = {}
-    for path, keys in by_file.items():
+    for path, keys in _by_file(files, names).items():
         try:
             with _open(path) as f:
                 for k in keys:
@@ -135,11 +136,12 @@ class DiskLayers:
     """Layers read from safetensors files one at a time; changed layers written to ``work_dir``.
 
     ``model.model.layers[i]`` stays a meta skeleton (what shape questions are answered from); ``load(i)`` builds
-    a real copy of the skeleton on ``device`` filled from the layer's current file, in the skeleton's dtype."""
+    a real copy of the skeleton on the host (the engine moves it to the device) filled from the layer's current
+    file, in the skeleton's dtype."""
 
-    def __init__(self, model, files: dict[str, Path], work_dir: Path | None, device: str = "cpu"):
+    def __init__(self, model, files: dict[str, Path], work_dir: Path | None):
         # work_dir None: a read-only store (a reloaded export); releasing a changed layer is then refused
-        self.model, self.work_dir, self.device = model, Path(work_dir) if work_dir else None, device
+        self.model, self.work_dir = model, Path(work_dir) if work_dir else None
         self.files: list[dict[str, Path]] = [{} for _ in model.model.layers]
         for name, path in files.items():
             if name.startswith(LAYER_PREFIX):
@@ -166,17 +168,16 @@ class DiskLayers:
         skeleton = self.model.model.layers[index]
         layer = copy.deepcopy(skeleton)  # meta: the tensors read below are assigned, not copied into it
         prefix = f"{LAYER_PREFIX}{index}."
-        wanted = {f"{prefix}{k}": k for k in skeleton.state_dict()}
+        ref = skeleton.state_dict()  # name -> meta tensor of the dtype the layer computes in
         files = {f"{prefix}{k}": p for k, p in self.files[index].items()}
-        missing = [k for k in wanted if k not in files]
+        missing = [k for k in ref if f"{prefix}{k}" not in files]
         if missing:
-            raise StreamError(f"layer {index}: {missing[0]} is in no safetensors file of the model; copy the whole "
-                              "model folder again")
-        ref = skeleton.state_dict()
-        state = {wanted[k]: v.to(ref[wanted[k]].dtype) if v.is_floating_point() else v
-                 for k, v in read_tensors(files, wanted).items()}
+            raise StreamError(f"layer {index}: {prefix}{missing[0]} is in no safetensors file of the model; copy the "
+                              "whole model folder again")
+        state = {k[len(prefix):]: v.to(ref[k[len(prefix):]].dtype) if v.is_floating_point() else v
+                 for k, v in read_tensors(files, [f"{prefix}{k}" for k in ref]).items()}
         layer.load_state_dict(state, strict=True, assign=True)
-        layer.to(self.device).eval()
+        layer.eval()
         self._count(layer)
         return layer
 
