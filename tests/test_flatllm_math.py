@@ -94,6 +94,22 @@ def test_greedy_channels_full_keep_is_exact_and_block1_matches_brute_force_greed
         assert greedy_output_channels(x.T @ x, w, 4, block=1).tolist() == sorted(chosen)
 
 
+def test_greedy_keeps_more_channels_than_calibration_tokens():
+    """More channels kept than the covariance has rank (fewer tokens than channels, float32 products as the
+    default variant accumulates them): once the kept channels span every token the rest add nothing; the selection
+    still ends, picks a spanning set first, and the closed-form down_proj reproduces the output on those tokens."""
+    torch.manual_seed(0)
+    x = torch.randn(100, 512) * torch.rand(512) * 3
+    cov = sum((b.T @ b).double() for b in x.split(32))
+    w = torch.randn(16, 512)
+    idx, w2, _ = nystrom_mlp(cov, w, 200, select="greedy")
+    assert idx.numel() == 200 and idx.unique().numel() == 200
+    xd, ref = x.double(), x.double() @ w.double().T
+    assert ((xd[:, idx] @ w2.T - ref) ** 2).sum() < 1e-8 * (ref ** 2).sum()
+    first = greedy_output_channels(cov, w, 100)  # the first 100 already span the 100 tokens
+    assert torch.linalg.matrix_rank(xd[:, first]) == 100
+
+
 def test_greedy_beats_ridge_leverage_when_loud_channels_do_not_reach_the_output():
     torch.manual_seed(0)
     x = torch.randn(400, 12, dtype=torch.float64)

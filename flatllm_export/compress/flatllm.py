@@ -81,33 +81,43 @@ def solve_psd(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, float]:
     return torch.cholesky_solve(b, chol), damp
 
 
-def greedy_output_channels(cov: torch.Tensor, w: torch.Tensor, keep: int, block: int = 16) -> torch.Tensor:
+def greedy_output_channels(cov: torch.Tensor, w: torch.Tensor, keep: int, block: int = 16, dead: float = 1e-6
+                           ) -> torch.Tensor:
     """Channels of an input x (covariance C = sum x x^T) that best predict the output W x when the weights on
-    them are re-solved by least squares: greedy forward selection on the Schur complement S = C - C_:k C_kk^-1
+    them are re-solved by least squares: greedy forward selection on the Schur complement S = C - C_:k C_kk^+
     C_k: (what the kept channels cannot explain). Adding channel j lowers the output error tr(W S W^T) by
-    ||W S_:j||^2 / S_jj; ``block`` channels are added per step (block=1 is exact greedy). Returns idx sorted."""
+    ||W S_:j||^2 / S_jj; ``block`` channels are added per step (block=1 is exact greedy). A channel whose
+    unexplained variance S_jj fell below ``dead`` x C_jj adds nothing (the kept channels span it, e.g. once
+    more channels are kept than C has rank, with fewer calibration tokens than channels): such channels are
+    taken last, by their gain before any was kept. Returns idx sorted."""
     s = cov.to(torch.float64).clone()
     p = w.to(torch.float64) @ s  # (out, n) = W S
     n = s.shape[0]
-    tiny = s.diagonal().abs().max().clamp_min(1e-300) * 1e-12
+    floor = s.diagonal().clamp_min(0) * dead + s.diagonal().abs().max().clamp_min(1e-300) * 1e-15
+    d0 = s.diagonal().clamp_min(floor)
+    first = (p * p).sum(0) / d0
+    first = first / (first.max() * 2 + 1e-300)  # in [0, 1/2]: dead channels score -1 + this, below any live one
     free = torch.ones(n, dtype=torch.bool, device=s.device)
     chosen: list[torch.Tensor] = []
     left = keep
     while left > 0:
         d = s.diagonal()
-        gain = torch.where(free & (d > tiny), (p * p).sum(0) / d.clamp_min(tiny), torch.zeros_like(d))
-        gain[~free] = -1.0  # dead (d ~ 0) free channels score 0: taken last, only when nothing else is left
+        live = d > floor
+        gain = torch.where(live, (p * p).sum(0) / d.clamp_min(1e-300), first - 1.0)
+        gain[~free] = -2.0
         take = torch.topk(gain, min(block, left)).indices
         chosen.append(take)
         free[take] = False
         left -= take.numel()
-        s_jj = s[take][:, take]
-        live = s_jj.diagonal() > tiny
-        if live.any() and left > 0:
-            t = take[live]
-            x, _ = solve_psd(s[t][:, t], s[t, :])  # (b, n) = S_JJ^-1 S_J:
-            p -= p[:, t] @ x
-            s -= s[:, t] @ x
+        t = take[live[take]]
+        if t.numel() and left > 0:
+            # S_:J S_JJ^+ S_J: (pseudo-inverse: a block can be rank deficient though each channel is live)
+            vals, vecs = torch.linalg.eigh(s[t][:, t])
+            ok = vals > vals.max() * 1e-10
+            half = vecs[:, ok] / vals[ok].sqrt()  # S_JJ^+ = half half^T
+            sh = s[:, t] @ half  # (n, k)
+            p -= (p[:, t] @ half) @ sh.T
+            s -= sh @ sh.T
     return torch.cat(chosen).sort().values
 
 
