@@ -54,14 +54,23 @@ class GPTQLayerMethod:
             if not mods:
                 continue
             dev = next(iter(mods.values())).weight.device
-            hess = {n: torch.zeros(m.in_features, m.in_features, dtype=torch.float64, device=dev) for n, m in mods.items()}
-            counts = {n: 0 for n in mods}
+            hess, counts, same_as, last = {}, {n: 0 for n in mods}, {}, [None, None]
 
             def on_in(name, x):
-                counts[name] = accumulate_hessian(hess[name], x, counts[name])
+                prev, prev_name = last  # kept alive, so an equal data pointer is the very same tensor
+                if prev is not None and x.data_ptr() == prev.data_ptr() and x.shape == prev.shape:
+                    same_as[name] = prev_name  # q/k/v and gate/up read one tensor: one Hessian
+                    return
+                last[:] = x, name
+                h = hess.setdefault(name, torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=dev))
+                counts[name] = accumulate_hessian(h, x, counts[name])
 
             with capture(mods, on_in, "input"):
                 run.forward()
+            last[:] = None, None
+            if same_as.keys() & hess.keys():
+                raise QuantizationError(f"model.layers.{index}: inputs shared by {sorted(same_as)} in some batches only")
+            hess.update({n: hess[src] for n, src in same_as.items()})
             for n, m in mods.items():
                 full = f"model.layers.{index}.{n}"
                 if not torch.isfinite(hess[n]).all():
