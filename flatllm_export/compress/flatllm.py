@@ -58,18 +58,29 @@ def fold_output_columns(w_o: torch.Tensor, maps: torch.Tensor, num_heads: int) -
 
 
 def ridge_leverage_scores(cov: torch.Tensor, ridge: float = 1.0) -> torch.Tensor:
-    """diag(C (C + ridge*I)^-1) for a PSD covariance C (n, n)."""
-    eye = torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device)
-    return torch.linalg.solve(cov + ridge * eye, cov).diagonal()  # C symmetric: (C+rI)^-1 C has the same diag
+    """diag(C (C + ridge*I)^-1) for a PSD covariance C (n, n) (C symmetric: the same diagonal as
+    (C + ridge*I)^-1 C, solved by Cholesky; two n x n work matrices)."""
+    a = cov.clone()
+    a.diagonal().add_(ridge)
+    chol = torch.linalg.cholesky(a)
+    del a
+    return torch.cholesky_solve(cov, chol).diagonal()
 
 
 def damped_cholesky(a: torch.Tensor) -> tuple[torch.Tensor, float]:
     """Lower Cholesky factor of PSD a with the least diagonal damping (relative to mean diag) that makes it
     factorable. Returns the factor and the relative damping used (0.0 when none was needed)."""
     mean_diag = a.diagonal().mean().clamp_min(1e-300)
-    eye = torch.eye(a.shape[0], dtype=a.dtype, device=a.device)
-    for damp in (0.0, 1e-10, 1e-8, 1e-6, 1e-4, 1e-2):
-        chol, info = torch.linalg.cholesky_ex(a + damp * mean_diag * eye)
+    chol, info = torch.linalg.cholesky_ex(a)
+    if int(info) == 0:
+        return chol, 0.0
+    del chol
+    damped = a.clone()
+    added = 0.0
+    for damp in (1e-10, 1e-8, 1e-6, 1e-4, 1e-2):
+        damped.diagonal().add_((damp - added) * mean_diag)
+        added = damp
+        chol, info = torch.linalg.cholesky_ex(damped)
         if int(info) == 0:
             return chol, damp
     raise CompressionError("covariance is not positive definite even with 1% damping")
@@ -116,8 +127,8 @@ def greedy_output_channels(cov: torch.Tensor, w: torch.Tensor, keep: int, block:
             ok = vals > vals.max() * 1e-10
             half = vecs[:, ok] / vals[ok].sqrt()  # S_JJ^+ = half half^T
             sh = s[:, t] @ half  # (n, k)
-            p -= (p[:, t] @ half) @ sh.T
-            s -= sh @ sh.T
+            p.addmm_(p[:, t] @ half, sh.T, alpha=-1)  # in place: no second (n, n) matrix
+            s.addmm_(sh, sh.T, alpha=-1)
     return torch.cat(chosen).sort().values
 
 
@@ -138,8 +149,9 @@ def nystrom_mlp(cov: torch.Tensor, w_down: torch.Tensor, keep: int, ridge: float
     W_down' = W_down C[:, idx] C[idx, idx]^-1 (least squares from the kept channels). Returns (idx sorted,
     W_down' (hidden, keep), damping used)."""
     idx = mlp_channels(cov, w_down, keep, select, ridge, ridge_scale)
-    x, damp = solve_psd(cov[idx][:, idx], cov[idx, :])  # (keep, n) = C_kk^-1 C_k:
-    return idx, w_down.to(torch.float64) @ x.T, damp
+    # W C_:k C_kk^-1 = (C_kk^-1 (W C)_:k^T)^T: work matrices of (keep, keep) and (hidden, n), never (keep, n)
+    x, damp = solve_psd(cov[idx[:, None], idx], (w_down.to(torch.float64) @ cov)[:, idx].T)
+    return idx, x.T, damp
 
 
 def pooled_group_covariance(cov_o: torch.Tensor, num_heads: int, kv: int) -> torch.Tensor:

@@ -26,9 +26,14 @@ class QuantizedWeight:
     group_size: int  # -1: one group per row
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        s = self.scales.float()[self.g_idx.long()].T  # (out, in)
-        z = self.zeros.float()[self.g_idx.long()].T
-        return (s * (self.codes.float() - z)).to(dtype)
+        out = torch.empty(self.codes.shape, dtype=dtype, device=self.codes.device)
+        g = self.g_idx.long()
+        step = max(1, (1 << 22) // max(1, self.codes.shape[1]))  # rows at a time: float32 work copies of 16 MB
+        for r in range(0, out.shape[0], step):
+            s = self.scales[g, r : r + step].float().T  # (rows, in)
+            z = self.zeros[g, r : r + step].float().T
+            out[r : r + step] = s * (self.codes[r : r + step].float() - z)
+        return out
 
 
 def accumulate_hessian(h: torch.Tensor, x: torch.Tensor, count: int) -> int:
@@ -62,15 +67,12 @@ def quantize_weight(w: torch.Tensor, h: torch.Tensor, bits: int = 4, group_size:
                     ) -> tuple[QuantizedWeight, dict]:
     """GPTQ of w (out, in) with Hessian h (in, in). Returns the codes and a dict of diagnostics (damping used,
     retries, squared error weighted by H)."""
-    maxq = 2**bits - 1
-    w = w.detach().to(torch.float32).clone()
     out_f, in_f = w.shape
     h = h.to(torch.float32).clone()
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1.0
-    w[:, dead] = 0.0
     perm = torch.argsort(torch.diagonal(h), descending=True) if desc_act else torch.arange(in_f)
-    w, h = w[:, perm], h[perm][:, perm]
+    h = h[perm][:, perm]
     gs = in_f if group_size == -1 else group_size
     mean_diag = torch.mean(torch.diagonal(h).abs())
     damp, hinv, retries = damp_percent, None, 0
@@ -86,11 +88,39 @@ def quantize_weight(w: torch.Tensor, h: torch.Tensor, bits: int = 4, group_size:
             damp *= 10
             if damp > 10:
                 raise QuantizationError(f"{name}: Hessian not positive definite even with damping {damp:.3g}")
+    inv, dead = torch.argsort(perm), dead[perm]
     n_groups = math.ceil(in_f / gs)
-    scales = torch.zeros(n_groups, out_f)
-    zeros = torch.zeros(n_groups, out_f)
+    scales, zeros = torch.zeros(n_groups, out_f), torch.zeros(n_groups, out_f, dtype=torch.int32)
     codes = torch.zeros(out_f, in_f, dtype=torch.int32)
-    losses = torch.zeros(out_f)
+    loss = 0.0
+    # rows are independent given H: a few at a time, so the float32 work copies of a wide weight (an lm_head)
+    # stay small
+    for r1 in range(0, out_f, max(1, ROW_CHUNK_ELEMENTS // in_f)):
+        r2 = min(out_f, r1 + max(1, ROW_CHUNK_ELEMENTS // in_f))
+        rows = w[r1:r2].detach().to(torch.float32)[:, perm]  # a copy
+        rows[:, dead] = 0.0
+        c, sc, z, lo = _quantize_rows(rows, hinv, bits, gs, sym, block_size)
+        codes[r1:r2], scales[:, r1:r2], zeros[:, r1:r2] = c[:, inv], sc, z.to(torch.int32)
+        loss += float(lo.sum())
+    g_idx = (torch.arange(in_f) // gs)[inv].to(torch.int32)
+    qw = QuantizedWeight(codes=codes, scales=scales.half(), zeros=zeros, g_idx=g_idx, bits=bits,
+                         group_size=group_size)
+    return qw, {"damp_percent": damp, "retries": retries, "loss": loss}
+
+
+ROW_CHUNK_ELEMENTS = 1 << 22  # weight rows per GPTQ pass: about this many elements (16 MB of float32)
+
+
+def _quantize_rows(w: torch.Tensor, hinv: torch.Tensor, bits: int, gs: int, sym: bool, block_size: int
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GPTQ of rows w (rows, in) (columns in processing order; modified) given the upper Cholesky factor of
+    H^-1: returns codes (rows, in) int32, scales and zeros (groups, rows), squared errors per row."""
+    maxq = 2**bits - 1
+    rows, in_f = w.shape
+    n_groups = math.ceil(in_f / gs)
+    scales, zeros = torch.zeros(n_groups, rows), torch.zeros(n_groups, rows)
+    codes = torch.zeros(rows, in_f, dtype=torch.int32)
+    losses = torch.zeros(rows)
     scale = zero = None
     for i1 in range(0, in_f, block_size):
         i2 = min(i1 + block_size, in_f)
@@ -100,8 +130,8 @@ def quantize_weight(w: torch.Tensor, h: torch.Tensor, bits: int = 4, group_size:
         for i in range(i2 - i1):
             col = i1 + i
             if col % gs == 0:  # a new group starts (in the processing order)
-                scale, zero = grid(w[:, col : col + gs] if i == 0 else torch.cat([w1[:, i:], w[:, i2:]], 1)[:, :gs],
-                                   bits, sym)
+                group = w[:, col : col + gs] if i == 0 else torch.cat([w1[:, i:], w[:, i2 : col + gs]], 1)[:, :gs]
+                scale, zero = grid(group, bits, sym)
                 scales[col // gs], zeros[col // gs] = scale, zero
             x = w1[:, i]
             q = torch.clamp(torch.round(x / scale) + zero, 0, maxq)
@@ -114,11 +144,7 @@ def quantize_weight(w: torch.Tensor, h: torch.Tensor, bits: int = 4, group_size:
             err1[:, i] = err
         w[:, i1:i2] = w1
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
-    inv = torch.argsort(perm)
-    g_idx = (torch.arange(in_f) // gs)[inv].to(torch.int32)
-    qw = QuantizedWeight(codes=codes[:, inv], scales=scales.half(), zeros=zeros.to(torch.int32), g_idx=g_idx,
-                         bits=bits, group_size=group_size)
-    return qw, {"damp_percent": damp, "retries": retries, "loss": float(losses.sum())}
+    return codes, scales, zeros, losses
 
 
 def quantize_rtn(w: torch.Tensor, bits: int, group_size: int, sym: bool = True) -> QuantizedWeight:

@@ -13,38 +13,52 @@ class PackingError(ValueError):
     """A shape the GPTQ format cannot hold."""
 
 
+CHUNK_VALUES = 1 << 21  # values packed or unpacked per step: int64 work copies of about 16 MB, any weight size
+
+
 def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
-    """int (n, m) with values < 2^bits -> int32 (n*bits/32, m), packed along dim 0. n must be a multiple of 32."""
+    """int (n, m) with values < 2^bits -> int32 (n*bits/32, m), packed along dim 0. n must be a multiple of 32.
+    ``values`` may be a strided view (a transpose): it is read 32 * k rows at a time."""
     n, m = values.shape
     if n % 32:
         raise PackingError(f"cannot pack {n} values along a dimension that is not a multiple of 32")
-    v = values.to(torch.int64).view(n // 32, 32, m)
-    words = torch.zeros(n // 32, bits, m, dtype=torch.int64)
-    for k in range(32):
-        off = k * bits
-        w0, sh = off // 32, off % 32
-        words[:, w0] |= (v[:, k] << sh) & 0xFFFFFFFF
-        if sh + bits > 32:
-            words[:, w0 + 1] |= v[:, k] >> (32 - sh)
-    words = words.view(n * bits // 32, m)
-    return (words - ((words >> 31) << 32)).to(torch.int32)  # reinterpret uint32 as int32
+    out = torch.empty(n * bits // 32, m, dtype=torch.int32)
+    step = 32 * max(1, CHUNK_VALUES // (32 * max(m, 1)))
+    for r in range(0, n, step):
+        c = min(step, n - r)
+        v = values[r : r + c].to(torch.int64).reshape(c // 32, 32, m)
+        words = torch.zeros(c // 32, bits, m, dtype=torch.int64)
+        for k in range(32):
+            off = k * bits
+            w0, sh = off // 32, off % 32
+            words[:, w0] |= (v[:, k] << sh) & 0xFFFFFFFF
+            if sh + bits > 32:
+                words[:, w0 + 1] |= v[:, k] >> (32 - sh)
+        words = words.view(c * bits // 32, m)
+        out[r * bits // 32 : (r + c) * bits // 32] = words - ((words >> 31) << 32)  # uint32 read as int32
+    return out
 
 
 def unpack_rows(words: torch.Tensor, bits: int) -> torch.Tensor:
     """Inverse of pack_rows: int32 (n*bits/32, m) -> int32 (n, m)."""
     rows, m = words.shape
     n = rows * 32 // bits
-    w = (words.to(torch.int64) & 0xFFFFFFFF).view(n // 32, bits, m)
-    out = torch.zeros(n // 32, 32, m, dtype=torch.int64)
+    result = torch.empty(n, m, dtype=torch.int32)
     mask = 2**bits - 1
-    for k in range(32):
-        off = k * bits
-        w0, sh = off // 32, off % 32
-        val = w[:, w0] >> sh
-        if sh + bits > 32:
-            val = val | (w[:, w0 + 1] << (32 - sh))
-        out[:, k] = val & mask
-    return out.view(n, m).to(torch.int32)
+    step = 32 * max(1, CHUNK_VALUES // (32 * max(m, 1)))
+    for r in range(0, n, step):
+        c = min(step, n - r)
+        w = (words[r * bits // 32 : (r + c) * bits // 32].to(torch.int64) & 0xFFFFFFFF).view(c // 32, bits, m)
+        out = torch.zeros(c // 32, 32, m, dtype=torch.int64)
+        for k in range(32):
+            off = k * bits
+            w0, sh = off // 32, off % 32
+            val = w[:, w0] >> sh
+            if sh + bits > 32:
+                val = val | (w[:, w0 + 1] << (32 - sh))
+            out[:, k] = val & mask
+        result[r : r + c] = out.view(c, m)
+    return result
 
 
 def pack_weight(q: QuantizedWeight, checkpoint_format: str) -> dict[str, torch.Tensor]:
@@ -52,7 +66,7 @@ def pack_weight(q: QuantizedWeight, checkpoint_format: str) -> dict[str, torch.T
     zeros = q.zeros - 1 if checkpoint_format == "gptq" else q.zeros
     if (zeros < 0).any():
         raise PackingError("a zero point of 0 cannot be stored in checkpoint_format 'gptq' (v1): use gptq_v2")
-    return {"qweight": pack_rows(q.codes.T.contiguous(), q.bits),
+    return {"qweight": pack_rows(q.codes.T, q.bits),
             "qzeros": pack_rows(zeros.T.contiguous(), q.bits).T.contiguous(),
             "scales": q.scales.to(torch.float16), "g_idx": q.g_idx.to(torch.int32)}
 
