@@ -77,6 +77,30 @@ def test_packing_matches_an_independent_reader(bits):
     assert torch.equal(unpack_rows(packed, bits), values)
 
 
+@pytest.mark.parametrize("bits", [3, 4])
+def test_work_in_chunks_gives_the_same_bits(bits, monkeypatch):
+    """GPTQ rows, packing, unpacking and dequantization walk a weight a few rows at a time (bounded memory for
+    an lm_head): with chunks of a few rows the results equal those of one chunk, bit for bit."""
+    import flatllm_export.quantize.gptq as gptq_mod
+    import flatllm_export.quantize.packing as packing_mod
+
+    w, x, h = problem(out_f=96, in_f=128)
+    h[5, :] = h[:, 5] = 0  # a dead input column, zeroed in every chunk
+    whole, whole_diag = quantize_weight(w, h, bits, 32, True, True, block_size=32)
+    values = whole.codes.T
+    packed, deq = pack_rows(values, bits), whole.dequantize()
+    monkeypatch.setattr(gptq_mod, "ROW_CHUNK_ELEMENTS", 5 * 128)  # 5 rows: chunks that do not divide 96
+    monkeypatch.setattr(packing_mod, "CHUNK_VALUES", 40 * 96)  # one group of 32 values a step
+    chunked, diag = quantize_weight(w, h, bits, 32, True, True, block_size=32)
+    for name in ("codes", "scales", "zeros", "g_idx"):
+        assert torch.equal(getattr(chunked, name), getattr(whole, name)), name
+    assert diag["loss"] == pytest.approx(whole_diag["loss"], rel=1e-6)
+    assert torch.equal(pack_rows(values, bits), packed)  # a transposed view, read 32 rows at a time
+    assert torch.equal(unpack_rows(packed, bits), values)
+    monkeypatch.setattr(gptq_mod, "DEQUANT_CHUNK_ELEMENTS", 3 * 128)
+    assert torch.equal(chunked.dequantize(), deq)
+
+
 def test_symmetric_4bit_v1_zeros_are_0x77777777(tmp_path):
     model = load_model("ref-llama")
     x = torch.randint(0, 4096, (4, 64), generator=torch.Generator().manual_seed(0))

@@ -10,6 +10,9 @@ from dataclasses import dataclass
 import torch
 
 
+DEQUANT_CHUNK_ELEMENTS = 1 << 22  # dequantize this many weights at a time (float32 work copies of 16 MB)
+
+
 class QuantizationError(RuntimeError):
     """GPTQ could not quantize a weight; the message names it."""
 
@@ -28,7 +31,7 @@ class QuantizedWeight:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         out = torch.empty(self.codes.shape, dtype=dtype, device=self.codes.device)
         g = self.g_idx.long()
-        step = max(1, (1 << 22) // max(1, self.codes.shape[1]))  # rows at a time: float32 work copies of 16 MB
+        step = max(1, DEQUANT_CHUNK_ELEMENTS // max(1, self.codes.shape[1]))  # rows at a time
         for r in range(0, out.shape[0], step):
             s = self.scales[g, r : r + step].float().T  # (rows, in)
             z = self.zeros[g, r : r + step].float().T
