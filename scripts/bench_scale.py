@@ -469,21 +469,16 @@ def write_docs(results: list[dict], facts: dict, args, notes: list[str]) -> None
           f"only imported what a run imports (torch, transformers, this package, the exporters, onnxruntime) is "
           f"already {facts.get('runtime_rss_mb', '?')} MB resident on this machine, so the bound is also given with "
           "that measured runtime in place of 300 MB. Each stage starts after a garbage collection and "
-          "`malloc_trim(0)`, so memory an earlier stage freed is not counted again. *Whole run peak* is the run "
+          "`malloc_trim(0)`, so memory an earlier stage freed is not counted again; a run pins glibc's mmap "
+          "threshold at 1 MB, so freed tensors go back to the system. *Whole run peak* is the run "
           "process's lifetime maximum (wait4).", "",
           *summary, "", *table, ""]
     if c.get("compression", {}).get("variant") == "paper":
-        notes.append("FLAT-LLM variant `paper` (leverage-score MLP channels): the default variant `ablation` failed on "
-                     "the random model's first layer after over 160 s ('covariance is not positive definite even "
-                     "with 1% damping', in greedy_output_channels): its greedy MLP selection breaks when the channels "
-                     "kept (about 70% of 6,912 at 30%) outnumber the calibration tokens (16 x 256 = 4,096), so the covariance is "
-                     "rank-deficient (reproduced on a 1,500-wide covariance of 600 tokens keeping 1,050). Measured "
-                     "per layer at this width: `paper` 33 s with the machine otherwise lightly loaded, 89 s when "
-                     "shared three ways.")
-    if "onnx" not in c.get("export", {}).get("targets", ["onnx"]):
-        notes.append("no onnx export: the onnx exporter of commit 036c923 builds its graph from model.model.layers, "
-                     "which a streamed model holds as meta-device skeletons, so a streamed run with target onnx fails "
-                     "there ('Cannot copy out of meta tensor', exporters/onnx_graph.py GraphDecoder -> fused_linear)")
+        notes.append("FLAT-LLM variant `paper` (leverage-score MLP channels) for time: the default variant `ablation`'s "
+                     "greedy MLP selection costs about n^2 x kept float64 work per layer (n = 6,912 here). It used to "
+                     "fail here ('covariance is not positive definite') when the channels kept outnumber the "
+                     "calibration tokens (16 x 256 = 4,096); fixed on 2026-11-28 (a rank-aware selection, "
+                     "tests/test_flatllm_math.py::test_greedy_keeps_more_channels_than_calibration_tokens).")
     if notes:
         md += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
     DOCS.mkdir(exist_ok=True)
@@ -520,8 +515,7 @@ def main(argv=None) -> int:
     g.add_argument("--batch-size", type=int, default=4)
     g.add_argument("--activation-dtype", choices=["model", "float32", "bfloat16", "float16"], default=None,
                    help="calibration.activation_dtype (default: the recipe's default)")
-    g.add_argument("--targets", default="hf,onnx", help="export targets (the onnx exporter of 036c923 does not "
-                   "stream yet: a streamed run with onnx fails there; use --targets hf)")
+    g.add_argument("--targets", default="hf,onnx", help="export targets, comma-separated")
     g.add_argument("--validate", action="store_true", help="add a validation section (torch + onnxruntime)")
     g.add_argument("--memory", action="store_true", help="run the random model in memory (stream: false)")
     g.add_argument("--skip-big", action="store_true", help="no random-weight model run")
