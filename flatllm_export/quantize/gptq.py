@@ -21,7 +21,7 @@ class QuantizationError(RuntimeError):
 class QuantizedWeight:
     """Integer codes and grid of one linear's weight (out, in), in the original column order."""
 
-    codes: torch.Tensor  # int32 (out, in), values in [0, 2^bits - 1]
+    codes: torch.Tensor  # (out, in), values in [0, 2^bits - 1]: uint8 as quantized, int32 as unpacked
     scales: torch.Tensor  # float16 (groups, out)
     zeros: torch.Tensor  # int32 (groups, out), the true zero point (not v1's zero - 1)
     g_idx: torch.Tensor  # int32 (in,), group of each input column
@@ -94,7 +94,7 @@ def quantize_weight(w: torch.Tensor, h: torch.Tensor, bits: int = 4, group_size:
     inv, dead = torch.argsort(perm), dead[perm]
     n_groups = math.ceil(in_f / gs)
     scales, zeros = torch.zeros(n_groups, out_f), torch.zeros(n_groups, out_f, dtype=torch.int32)
-    codes = torch.zeros(out_f, in_f, dtype=torch.int32)
+    codes = torch.zeros(out_f, in_f, dtype=torch.uint8)
     loss = 0.0
     # rows are independent given H: a few at a time, so the float32 work copies of a wide weight (an lm_head)
     # stay small
@@ -117,12 +117,12 @@ ROW_CHUNK_ELEMENTS = 1 << 22  # weight rows per GPTQ pass: about this many eleme
 def _quantize_rows(w: torch.Tensor, hinv: torch.Tensor, bits: int, gs: int, sym: bool, block_size: int
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """GPTQ of rows w (rows, in) (columns in processing order; modified) given the upper Cholesky factor of
-    H^-1: returns codes (rows, in) int32, scales and zeros (groups, rows), squared errors per row."""
+    H^-1: returns codes (rows, in) uint8, scales and zeros (groups, rows), squared errors per row."""
     maxq = 2**bits - 1
     rows, in_f = w.shape
     n_groups = math.ceil(in_f / gs)
     scales, zeros = torch.zeros(n_groups, rows), torch.zeros(n_groups, rows)
-    codes = torch.zeros(rows, in_f, dtype=torch.int32)
+    codes = torch.zeros(rows, in_f, dtype=torch.uint8)
     losses = torch.zeros(rows)
     scale = zero = None
     for i1 in range(0, in_f, block_size):
@@ -138,7 +138,7 @@ def _quantize_rows(w: torch.Tensor, hinv: torch.Tensor, bits: int, gs: int, sym:
                 scales[col // gs], zeros[col // gs] = scale, zero
             x = w1[:, i]
             q = torch.clamp(torch.round(x / scale) + zero, 0, maxq)
-            codes[:, col] = q.to(torch.int32)
+            codes[:, col] = q.to(torch.uint8)
             deq = scale * (q - zero)
             d = hinv1[i, i]
             losses += (x - deq) ** 2 / d**2 / 2
@@ -159,11 +159,11 @@ def quantize_rtn(w: torch.Tensor, bits: int, group_size: int, sym: bool = True) 
     maxq = 2**bits - 1
     n_groups = math.ceil(in_f / gs)
     scales, zeros = torch.zeros(n_groups, out_f), torch.zeros(n_groups, out_f)
-    codes = torch.zeros(out_f, in_f, dtype=torch.int32)
+    codes = torch.zeros(out_f, in_f, dtype=torch.uint8)
     for g in range(n_groups):
         cols = slice(g * gs, min((g + 1) * gs, in_f))
         scale, zero = grid(w[:, cols], bits, sym)
         scales[g], zeros[g] = scale, zero
-        codes[:, cols] = torch.clamp(torch.round(w[:, cols] / scale[:, None]) + zero[:, None], 0, maxq).to(torch.int32)
+        codes[:, cols] = torch.clamp(torch.round(w[:, cols] / scale[:, None]) + zero[:, None], 0, maxq).to(torch.uint8)
     return QuantizedWeight(codes=codes, scales=scales.half(), zeros=zeros.to(torch.int32),
                            g_idx=(torch.arange(in_f) // gs).to(torch.int32), bits=bits, group_size=group_size)
