@@ -255,7 +255,7 @@ def run_recipe(run_id: str, recipe: dict, out_root: Path) -> dict:
     comp = rep.get("compression", {})
     return {"run": run_id, "exit_code": proc.returncode, "wall_seconds": round(wall, 1),
             "process_peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "output": str(output),
-            "stages": {k: {f: v[f] for f in ("seconds", "peak_rss_mb", "peak_cuda_mb", "ppl") if f in v}
+            "stages": {k: {f: v[f] for f in ("seconds", "start_rss_mb", "peak_rss_mb", "peak_cuda_mb", "ppl") if f in v}
                        for k, v in rep["stages"].items()},
             "perplexity": rep.get("perplexity"), "model": rep.get("model"),
             "achieved_ratio": comp.get("achieved_ratio"), "variant": (comp.get("options") or {}).get("mlp_select"),
@@ -391,7 +391,7 @@ def judged_rows(result: dict) -> list[dict]:
     rows = []
     for stage, st in result["stages"].items():
         row = {"model": result["label"], "mode": result["mode"], "stage": stage, "seconds": st["seconds"],
-               "peak RSS MB": st["peak_rss_mb"], "model fp32 MB": b["model_fp32_mb"], "bound MB": "", "within bound": "",
+               "start RSS MB": st.get("start_rss_mb", ""), "peak RSS MB": st["peak_rss_mb"], "model fp32 MB": b["model_fp32_mb"], "bound MB": "", "within bound": "",
                "bound MB, measured runtime": "", "within it": ""}
         if stage in BOUND_STAGES:
             row["bound MB"] = b["bound_mb"]
@@ -420,7 +420,7 @@ def write_docs(results: list[dict], facts: dict, args, notes: list[str]) -> None
     def fmt(v):
         return f"{v:.4g}" if isinstance(v, float) else str(v)
 
-    cols = ["model", "mode", "stage", "seconds", "peak RSS MB", "model fp32 MB", "bound MB", "within bound",
+    cols = ["model", "mode", "stage", "seconds", "start RSS MB", "peak RSS MB", "model fp32 MB", "bound MB", "within bound",
             "bound MB, measured runtime", "within it"]
     rows = [r for res in results for r in judged_rows(res)]
     table = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]

@@ -57,14 +57,26 @@ def fold_output_columns(w_o: torch.Tensor, maps: torch.Tensor, num_heads: int) -
     return (w_o_heads @ group).transpose(0, 1).reshape(w_o.shape[0], num_heads * r)
 
 
-def ridge_leverage_scores(cov: torch.Tensor, ridge: float = 1.0) -> torch.Tensor:
-    """diag(C (C + ridge*I)^-1) for a PSD covariance C (n, n) (C symmetric: the same diagonal as
-    (C + ridge*I)^-1 C, solved by Cholesky; two n x n work matrices)."""
-    a = cov.clone()
-    a.diagonal().add_(ridge)
-    chol = torch.linalg.cholesky(a)
-    del a
-    return torch.cholesky_solve(cov, chol).diagonal()
+def ridge_leverage_scores(cov: torch.Tensor, ridge: float = 1.0, block: int = 512) -> torch.Tensor:
+    """diag(C (C + ridge*I)^-1) for a PSD covariance C (n, n): with C + ridge*I = L L^T, score i =
+    (L^-1 e_i) . (L^-1 C e_i), ``block`` columns at a time. Work memory: L and two (n, block) blocks (the ridge
+    is added to C's diagonal in place and the diagonal put back exactly)."""
+    diag = cov.diagonal().clone()
+    cov.diagonal().add_(ridge)
+    try:
+        chol = torch.linalg.cholesky(cov)
+    finally:
+        cov.diagonal().copy_(diag)
+    n = cov.shape[0]
+    scores = torch.empty(n, dtype=cov.dtype, device=cov.device)
+    for j in range(0, n, block):
+        cols = slice(j, min(n, j + block))
+        e = torch.zeros(n, cols.stop - j, dtype=cov.dtype, device=cov.device)
+        e[cols].diagonal().fill_(1.0)
+        a = torch.linalg.solve_triangular(chol, e, upper=False)
+        b = torch.linalg.solve_triangular(chol, cov[:, cols], upper=False)
+        scores[cols] = (a * b).sum(0)
+    return scores
 
 
 def damped_cholesky(a: torch.Tensor) -> tuple[torch.Tensor, float]:

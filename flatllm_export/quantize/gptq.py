@@ -80,8 +80,10 @@ def quantize_weight(w: torch.Tensor, h: torch.Tensor, bits: int = 4, group_size:
     mean_diag = torch.mean(torch.diagonal(h).abs())
     damp, hinv, retries = damp_percent, None, 0
     while hinv is None:
-        hd = h + damp * mean_diag * torch.eye(in_f, dtype=h.dtype, device=h.device)
+        hd = h.clone()
+        hd.diagonal().add_(damp * mean_diag)
         chol, info = torch.linalg.cholesky_ex(hd)
+        del hd
         if int(info) == 0:
             chol, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(chol), upper=True)
         if int(info) == 0:
