@@ -561,6 +561,8 @@ def main(argv=None) -> int:
                    bound=bound(cfg, args.nsamples, args.seqlen, runtime_mb), **(extra or {}))
         res["goals"] = goals(res)
         fresh[run_id] = res
+        if results_file.is_file():  # another invocation may have recorded runs meanwhile
+            cached.update(json.loads(results_file.read_text()))
         cached[run_id] = res
         args.out.mkdir(parents=True, exist_ok=True)
         results_file.write_text(json.dumps(cached, indent=1) + "\n")
