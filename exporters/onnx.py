@@ -25,18 +25,21 @@ import numpy as np
 import onnx
 import torch
 
-from flatllm_export.evaluate import torch_logits_fn
+from flatllm_export.emulation import Arithmetic
 from flatllm_export.modeling.streaming import layers_of
-from flatllm_export.parity import DEFAULT_K, judge, judge_logits, onnx_floor_kind
+from flatllm_export.parity import DEFAULT_K, DTYPE_OF_KIND, judge_layers, judge_logits, onnx_floor_kind
 from flatllm_export.quantize.qlinear import QuantLinear
 from flatllm_export.runtime.ort import META_FILE, META_FORMAT
 
 from . import ExportContext, ExportError, register
 from . import onnx_graph
-from .onnx_graph import GraphOptions, empty_past, graph_ends, graph_logits
+from flatllm_export.reference import layer_deviations
+
+from .onnx_graph import GraphOptions, empty_past, graph_ends
 from .onnx_stitch import OPSET, Stitcher, lm_head_weight, normalize, tie_embedding
 
 DEFAULT_ACCURACY_LEVEL = 4  # int8 activations: measured faster for +0.5% ppl (README, Speed)
+SELF_CHECK_PREFILL = 6  # of the self-check's 13 tokens; the other 7 are decoded one by one
 
 
 def io_names(n_layers: int, positions: bool = False) -> tuple[list[str], list[str]]:
@@ -187,7 +190,7 @@ def write_metadata(model, out: Path, dtype: str, opts: GraphOptions, int4: bool)
         "pad_value_cache": opts.pad_value_cache,
         "layers": cache_layout(cfg, opts.pad_value_cache),
         "int4": int4, "accuracy_level": opts.accuracy_level if int4 else None,
-        "embedding": opts.embedding, "lm_head": lm_head,
+        "embedding": opts.embedding, "lm_head": lm_head, "head_block_size": opts.block_size,
         # embedding / lm_head rounded at export (RTN): the graph is no longer the PyTorch model's exact twin
         "approximate_head": opts.embedding != "float" or lm_head in ("int8", "int4"),
         "quantization_config": getattr(cfg, "quantization_config", None) if int4 else None,
@@ -196,33 +199,31 @@ def write_metadata(model, out: Path, dtype: str, opts: GraphOptions, int4: bool)
     return meta
 
 
-def self_check(model, out: Path, dtype: str, int4: bool, accuracy_level: int, noise_k: float = DEFAULT_K,
-               reference=None) -> dict:
-    """Prefill 2x12 tokens, then decode 1 token, in onnxruntime; judge the logits against the float64 reference
-    of ``model`` with the shared parity verdict (PyTorch's own deviation at the graph's precision is the floor).
-    ``reference`` (ids -> logits): the graph's own float32 PyTorch computation, for a graph that computes what the
-    model does not (an embedding or lm_head rounded at export); it is then the target, within the same floor."""
+def self_check(model, out: Path, dtype: str, int4: bool, accuracy_level: int, noise_k: float = DEFAULT_K) -> dict:
+    """Prefill 2 x 6 tokens, then decode 7 tokens one by one from the cache, in onnxruntime; judge, with the shared
+    parity verdict, every decoder layer and the head on onnxruntime's own inputs (``layers``) and the logits
+    (``logits``) against the float64 reference of ``model`` computing what the export computes by design (its
+    ``emulation.Arithmetic``: int8 activations, quantized tables), PyTorch's own deviation at the graph's
+    precision, computing the same, being the floor."""
     from flatllm_export.runtime.ort import OrtDecoder
 
     dec = OrtDecoder(out)
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, model.config.vocab_size, (2, 13), generator=g)
-    got_prefill, past = dec.forward(ids[:, :12].numpy(), past=None)
-    got_step, _ = dec.forward(ids[:, 12:].numpy(), past=past)
-    got = torch.from_numpy(np.concatenate([got_prefill, got_step], axis=1).astype(np.float32))
+    arith = Arithmetic.of_onnx(dec.meta)
+    ids = torch.randint(0, model.config.vocab_size, (2, 13), generator=torch.Generator().manual_seed(0))
+    streams, got = dec.layer_streams(ids.numpy(), SELF_CHECK_PREFILL)
     kind = onnx_floor_kind(dtype, int4, accuracy_level)
-    if reference is None:
-        v = judge_logits("onnxruntime", got, model, ids, kind, noise_k)
-    else:
-        with torch.no_grad():
-            want = reference(ids).float().cpu()
-            pytorch = torch_logits_fn(model)(ids)
-        floor = judge_logits("PyTorch", pytorch, model, ids, kind, noise_k).floor
-        v = judge("onnxruntime", "logits", float((got - want).abs().max()), floor, kind, noise_k,
-                  float(want.abs().max()))
-    if not v.ok:
-        raise ExportError(f"onnx export at {out} fails its parity check (prefill 12 + decode 1 token): {v.message}")
-    return {"max_abs_logit_diff": v.deviation, "tolerance": v.tolerance, "noise_floor": v.floor, "floor_kind": kind}
+    rows = layer_deviations(model, streams, got, SELF_CHECK_PREFILL, arith, DTYPE_OF_KIND[kind])
+    verdicts = [judge_layers("onnxruntime", rows, kind, noise_k),
+                judge_logits("onnxruntime", torch.from_numpy(got.astype(np.float32)), model, ids, kind, noise_k,
+                             arith=arith)]
+    for v in verdicts:
+        if not v.ok:
+            raise ExportError(f"onnx export at {out} fails its parity check (prefill 6 + decode 7 tokens): "
+                              f"{v.message}")
+    layers, logits = verdicts
+    return {"max_abs_logit_diff": logits.deviation, "tolerance": logits.tolerance, "noise_floor": logits.floor,
+            "floor_kind": kind, "arithmetic": arith.describe(),
+            "layers": {"deviation": layers.deviation, "tolerance": layers.tolerance, "where": layers.where.strip()}}
 
 
 def write_onnx(model, tokenizer, out: Path, ctx: ExportContext, opts: GraphOptions) -> dict:
@@ -237,10 +238,7 @@ def write_onnx(model, tokenizer, out: Path, ctx: ExportContext, opts: GraphOptio
     report = {"path": out.name, "dtype": ctx.dtype, "int4": int4, "nodes": len(graph.node),
               "embedding": meta["embedding"], "lm_head": meta["lm_head"],
               "bytes": sum(f.stat().st_size for f in out.iterdir() if f.name.startswith("model.onnx"))}
-    approximate = meta["approximate_head"]
-    fp32 = GraphOptions(**{**opts.__dict__, "dtype": torch.float32})
-    ref = (lambda ids: graph_logits(model, fp32, ids)) if approximate else None
-    report.update(self_check(model, out, ctx.dtype, int4, opts.accuracy_level, ctx.noise_k, ref))
+    report.update(self_check(model, out, ctx.dtype, int4, opts.accuracy_level, ctx.noise_k))
     return report
 
 

@@ -23,14 +23,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from flatllm_export.modeling.modeling_flatllm import attention_mask_4d
+from flatllm_export.emulation import head_tables
 from flatllm_export.modeling.streaming import layers_of
-from flatllm_export.quantize.gptq import quantize_rtn
+from flatllm_export.quantize.gptq import QuantizedWeight
 from flatllm_export.quantize.qlinear import QuantLinear
 
 from .onnx_ops import (FusedNorm, MatMulNBitsLinear, QuantEmbedding, RotaryCache, attention,
                        concat_quantized, gqa_lengths, group_query_attention, pad_last, reshape_bt)
 
-HEAD_BITS = {"float": None, "int8": 8, "int4": 4}
 
 
 @dataclass
@@ -142,30 +142,22 @@ def _as_dtype(module: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 
 def head_weights(model, o: GraphOptions) -> tuple[nn.Module, nn.Module]:
-    """(embedding, lm_head) as graph modules. A tied, equally quantized pair shares one quantized weight, which
-    the stitching writes once (GatherBlockQuantized reads the lm_head's MatMulNBits data)."""
-    emb_w = model.model.embed_tokens.weight.detach().to(o.dtype).float()
-    head = model.lm_head
-    tied = bool(model.config.tie_word_embeddings)
+    """(embedding, lm_head) as graph modules, from the tables ``emulation.head_tables`` says the export stores. A
+    tied, equally quantized pair shares one quantized weight, which the stitching writes once (GatherBlockQuantized
+    reads the lm_head's MatMulNBits data)."""
+    table, head = head_tables(model, o.embedding, o.lm_head, o.block_size, o.dtype)
+    bias = model.lm_head.bias
     if isinstance(head, QuantLinear):
-        head_q = head.quantized()
-        lm_head = MatMulNBitsLinear(head_q, head.bias, o.dtype, o.accuracy_level)
-    elif HEAD_BITS[o.lm_head]:
-        head_q = quantize_rtn(head.weight.detach().to(o.dtype), HEAD_BITS[o.lm_head], o.block_size)
-        lm_head = MatMulNBitsLinear(head_q, head.bias, o.dtype, o.accuracy_level)
+        lm_head = MatMulNBitsLinear(head.quantized(), head.bias, o.dtype, o.accuracy_level)
+    elif isinstance(head, QuantizedWeight):
+        lm_head = MatMulNBitsLinear(head, bias, o.dtype, o.accuracy_level)
     else:  # the model's own weight when it is in the graph's dtype already (no copy of vocab x hidden)
-        head_q, lm_head = None, nn.Linear(head.in_features, head.out_features, bias=head.bias is not None,
-                                          device="meta")
+        lm_head = nn.Linear(head.in_features, head.out_features, bias=bias is not None, device="meta")
         lm_head.weight = nn.Parameter(head.weight.detach().to(o.dtype), requires_grad=False)
-        if head.bias is not None:
-            lm_head.bias = nn.Parameter(head.bias.detach().to(o.dtype), requires_grad=False)
-    bits = HEAD_BITS[o.embedding]
-    if bits is None:
-        embed = nn.Embedding.from_pretrained(emb_w.to(o.dtype))
-    elif tied and head_q is not None and head_q.bits == bits:
-        embed = QuantEmbedding(head_q, o.dtype)
-    else:
-        embed = QuantEmbedding(quantize_rtn(emb_w, bits, o.block_size), o.dtype)
+        if bias is not None:
+            lm_head.bias = nn.Parameter(bias.detach().to(o.dtype), requires_grad=False)
+    embed = (QuantEmbedding(table, o.dtype) if isinstance(table, QuantizedWeight)
+             else nn.Embedding.from_pretrained(table.to(o.dtype)))
     return embed, lm_head
 
 

@@ -262,6 +262,10 @@ class ValidationSection(Strict):
     task_tolerance: float = Field(DEFAULT_TASK_TOLERANCE, ge=0.0, le=1.0, description="largest task accuracy "
                                   "difference from PyTorch allowed for runtimes that are not fp32 (fp32 runtimes "
                                   "must score every item the same)")
+    max_ppl_increase: Optional[float] = Field(None, gt=0.0, le=100.0, description="accuracy budget: the run fails "
+                                              "(exit 3) when a runtime's perplexity exceeds the PyTorch model's by "
+                                              "more than this fraction on any validation dataset (0.02: +2%); "
+                                              "default: reported, not enforced")
 
     @model_validator(mode="before")
     @classmethod
@@ -335,6 +339,9 @@ class Recipe(Strict):
             raise ValueError("export.attention chooses the ONNX attention op, but export.targets has no 'onnx' or "
                              "'genai'")
         if self.validation:
+            if self.evaluation is None and self.validation.max_ppl_increase is not None:
+                raise ValueError("validation.max_ppl_increase is a budget on perplexity, which needs an evaluation "
+                                 "section (dataset, split, seqlen of the windows): add one or remove the key")
             if self.evaluation is None:
                 raise ValueError("validation needs an evaluation section (dataset, split, seqlen of the windows)")
             need = {"onnxruntime": "onnx", "gptq": "gptq"}

@@ -16,8 +16,11 @@ import torch
 from torch import nn
 
 from .calibration import layer0_inputs, run_layers
+from .emulation import Arithmetic, exported_tables, emulated_layer
 from .modeling.streaming import layers_of
 from .quantize.qlinear import QuantLinear
+
+EXACT = Arithmetic()
 
 LM_HEAD_ROWS = 8192  # lm_head rows widened to float64 at a time
 
@@ -46,16 +49,16 @@ def _linear64(q: QuantLinear) -> nn.Linear:
     return lin
 
 
-def float64_layer(layer: nn.Module) -> nn.Module:
-    """A float64 copy of one decoder layer: QuantLinears become plain linears with their exact dequantized
-    weights (never copied packed), RMSNorms compute in float64."""
-    memo = {id(m): _linear64(m) for m in layer.modules() if isinstance(m, QuantLinear)}
-    copy_ = copy.deepcopy(layer, memo)
+def float64_layer(layer: nn.Module, arith: Arithmetic = EXACT) -> nn.Module:
+    """A float64 copy of one decoder layer computing ``arith``: QuantLinears become plain linears with their exact
+    dequantized weights (never copied packed), behind the arithmetic's activation quantization; RMSNorms compute
+    in float64."""
+    copy_ = emulated_layer(layer, arith, torch.float64, as_linear=_linear64)
     for name, mod in list(copy_.named_modules()):
         if type(mod).__name__.endswith("RMSNorm"):
             parent, _, child = name.rpartition(".")
             setattr(copy_.get_submodule(parent) if parent else copy_, child, RMSNorm64(mod.weight, _norm_eps(mod)))
-    return copy_.to(torch.float64)
+    return copy_
 
 
 def rotary64(config, rotary: nn.Module, seqlen: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,23 +78,32 @@ def rotary64(config, rotary: nn.Module, seqlen: int, batch: int) -> tuple[torch.
             (emb.sin() * factor)[None].expand(batch, -1, -1).contiguous())
 
 
+def _layer_device(model) -> torch.device | str:
+    device = next(model.model.layers[0].parameters()).device
+    return "cpu" if device.type == "meta" else device  # a streamed model's layers are read onto the host
+
+
 @torch.no_grad()
-def float64_hidden(model, ids: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
-    """The final-norm hidden states (n, T, hidden) of token windows ids (n, T), in float64, on the host."""
+def float64_hidden(model, ids: torch.Tensor, batch_size: int = 8, arith: Arithmetic = EXACT) -> torch.Tensor:
+    """The final-norm hidden states (n, T, hidden) of token windows ids (n, T), in float64, on the host, of the
+    model computing ``arith`` (an export's approximations; default: none)."""
     core = model.model
-    emb, _, _ = layer0_inputs(model, ids, batch_size)
+    if arith.embedding == "float":
+        emb, _, _ = layer0_inputs(model, ids, batch_size)
+    else:  # the table as the export stores it (block-quantized values are exact in float64)
+        emb = exported_tables(model, arith, torch.float64)[0](ids)
     cos, sin = rotary64(model.config, core.rotary_emb, ids.shape[1], min(batch_size, ids.shape[0]))
-    device = next(core.layers[0].parameters()).device
-    device = "cpu" if device.type == "meta" else device  # a streamed model's layers are read onto the host
-    hidden = run_layers(layers_of(model), emb.to(torch.float64), cos, sin, None, device, batch_size,
-                        desc="float64 reference", working_copy=float64_layer)
+    hidden = run_layers(layers_of(model), emb.to(torch.float64), cos, sin, None, _layer_device(model), batch_size,
+                        desc="float64 reference", working_copy=lambda layer: float64_layer(layer, arith))
     return RMSNorm64(core.norm.weight.cpu(), _norm_eps(core.norm))(hidden)
 
 
 @torch.no_grad()
-def float64_project(model, hidden: torch.Tensor) -> torch.Tensor:
+def float64_project(model, hidden: torch.Tensor, arith: Arithmetic = EXACT) -> torch.Tensor:
     """Logits (..., vocab) in float64 from float64 final-norm hidden states (..., hidden)."""
     head = model.lm_head
+    if arith.lm_head != "float" or (arith.activations and isinstance(head, QuantLinear)):
+        return exported_tables(model, arith, torch.float64)[1](hidden)  # a quantized head: vocab x hidden once
     weight = head.weight.detach()
     out = torch.empty(*hidden.shape[:-1], weight.shape[0], dtype=torch.float64)
     for start in range(0, weight.shape[0], LM_HEAD_ROWS):
@@ -102,17 +114,110 @@ def float64_project(model, hidden: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def float64_logits(model, ids: torch.Tensor, batch_size: int = 8) -> torch.Tensor:
+def float64_logits(model, ids: torch.Tensor, batch_size: int = 8, arith: Arithmetic = EXACT) -> torch.Tensor:
     """Logits (n, T, vocab) of token windows ids (n, T) in float64: the reference every runtime is judged by."""
-    return float64_project(model, float64_hidden(model, ids, batch_size))
+    return float64_project(model, float64_hidden(model, ids, batch_size, arith), arith)
 
 
-def float64_logits_fn(model, batch_size: int = 8):
+def float64_logits_fn(model, batch_size: int = 8, arith: Arithmetic = EXACT):
     """A logits function (a runtime in validate.py's sense) for the float64 reference of ``model``."""
-    return lambda ids: float64_logits(model, ids, batch_size)
+    return lambda ids: float64_logits(model, ids, batch_size, arith)
+
+
+@torch.no_grad()
+def emulated_logits(model, ids: torch.Tensor, arith: Arithmetic, dtype: torch.dtype = torch.float32,
+                    batch_size: int = 8) -> torch.Tensor:
+    """Logits (n, T, vocab), float32, of the model computing ``arith`` in PyTorch at precision ``dtype``, layer by
+    layer: PyTorch's own noise floor for an export with these approximations."""
+    core = model.model
+    embed, head = exported_tables(model, arith, dtype)
+    emb = torch.cat([embed(b.cpu()) for b in ids.split(batch_size)])
+    positions = torch.arange(ids.shape[1]).unsqueeze(0).expand(min(batch_size, ids.shape[0]), -1)
+    cos, sin = core.rotary_emb(emb[:1].float().to(core.rotary_emb.inv_freq.device), positions)
+    hidden = run_layers(layers_of(model), emb, cos.cpu().to(dtype), sin.cpu().to(dtype), None, _layer_device(model),
+                        batch_size, desc=f"torch {str(dtype).removeprefix('torch.')} emulation",
+                        working_copy=lambda layer: emulated_layer(layer, arith, dtype))
+    norm = copy.deepcopy(core.norm).cpu().to(dtype)
+    head = head if head is not model.lm_head else copy.deepcopy(head).cpu().to(dtype)
+    return torch.cat([head.cpu().to(dtype)(norm(h)).float() for h in hidden.split(batch_size)])
+
+
+def emulated_logits_fn(model, arith: Arithmetic, dtype: torch.dtype = torch.float32, batch_size: int = 8):
+    return lambda ids: emulated_logits(model, ids, arith, dtype, batch_size)
 
 
 def with_dtype(model, dtype: torch.dtype):
     """A copy of ``model`` in another floating dtype (PyTorch's own low-precision noise floor)."""
     return copy.deepcopy(model).to(dtype)
 
+
+
+@torch.no_grad()
+def layer_deviations(model, streams: list, logits, prefill: int, arith: Arithmetic = EXACT,
+                     dtype: torch.dtype = torch.float32) -> list[dict]:
+    """Layer by layer on a runtime's own residual streams (``streams[i]`` entering decoder layer i, float64 arrays
+    (B, T, hidden), the last one leaving the last layer; the first ``prefill`` positions computed at once, the
+    rest decoded one by one from the cache): each layer's float64 output under ``arith`` from the runtime's
+    input, against the runtime's output and PyTorch's at ``dtype`` (same arithmetic, same input). Only one layer
+    is between input and output, so an arithmetic that makes the whole model chaotic (int8 activations: near a
+    rounding tie, fp32 noise moves a value by a whole step, and such jumps compound over layers) stays near the
+    fp32 floor. Per layer and per part (prefill, decode): the median over token rows of each row's largest
+    deviation (a rounding jump touches a few rows; a defect, every row of its part) for the runtime and PyTorch
+    (the largest over ``_floor_inputs``), the runtime's largest deviation, and the output's magnitude. The last row ("layer": "head") is the final norm
+    and the lm_head on the runtime's last stream, against its ``logits`` (B, T, vocab)."""
+    store = layers_of(model)
+    device = _layer_device(model)
+    batch, seqlen, _ = streams[0].shape
+    cos64, sin64 = rotary64(model.config, model.model.rotary_emb, seqlen, batch)
+    positions = torch.arange(seqlen).unsqueeze(0).expand(batch, -1)
+    probe = torch.zeros(1, dtype=torch.float32, device=model.model.rotary_emb.inv_freq.device)
+    cos, sin = (t.cpu().to(dtype) for t in model.model.rotary_emb(probe, positions))
+    parts = {"prefill": slice(0, prefill), "decode": slice(prefill, seqlen)}
+    out = []
+    for i in range(len(store)):
+        layer = store.load(i)
+        x = torch.from_numpy(streams[i])
+        ref = float64_layer(layer, arith).to(device)(x.to(device), cos64.to(device), sin64.to(device)).cpu()
+        low = emulated_layer(layer, arith, dtype).to(device)
+        lows = [low(x32.to(device), cos.to(device), sin.to(device)).cpu() for x32 in _floor_inputs(x, arith, dtype)]
+        store.release(i, layer)
+        del layer, low
+        out.append(_row_stats(i, torch.from_numpy(streams[i + 1]), lows, ref, parts))
+    core, x = model.model, torch.from_numpy(streams[-1])
+    ref = float64_project(model, RMSNorm64(core.norm.weight.cpu(), _norm_eps(core.norm))(x), arith)
+    norm = copy.deepcopy(core.norm).cpu().to(dtype)
+    head = exported_tables(model, arith, dtype)[1]
+    head = copy.deepcopy(head).cpu().to(dtype) if head is model.lm_head else head
+    lows = [head(norm(x32)) for x32 in _floor_inputs(x, arith, dtype)]
+    out.append(_row_stats("head", torch.as_tensor(logits).double(), lows, ref, parts))
+    return out
+
+
+PERTURBED_RUNS = 4  # PyTorch runs on inputs moved by about one ulp, for an arithmetic with rounding of its own
+
+
+def _floor_inputs(x: torch.Tensor, arith: Arithmetic, dtype: torch.dtype) -> list[torch.Tensor]:
+    """The inputs PyTorch's floor is measured on: the runtime's own, and, for an arithmetic that quantizes
+    activations, ``PERTURBED_RUNS`` copies moved by about one ulp of ``dtype``. Such an arithmetic is
+    discontinuous: where a value sits within noise of a rounding tie, any fp32 run may round it either way, and
+    through attention one such jump reaches every later row. One PyTorch run may happen to round every tie as
+    float64 does while the runtime does not; the perturbed runs sample the jumps fp32 noise can cause, and the
+    floor is the largest of them."""
+    low = x.to(dtype)
+    if not arith.activations:
+        return [low]
+    g = torch.Generator().manual_seed(0)
+    eps = torch.finfo(dtype).eps
+    return [low] + [(x * (1 + eps * torch.randn(x.shape, generator=g, dtype=x.dtype))).to(dtype)
+                    for _ in range(PERTURBED_RUNS)]
+
+
+def _row_stats(layer, got: torch.Tensor, lows: list[torch.Tensor], ref: torch.Tensor, parts: dict) -> dict:
+    dev = (got - ref).abs().amax(-1)  # (B, T): each row's largest deviation
+    floors = [(low.double() - ref).abs().amax(-1) for low in lows]
+    row = {"layer": layer, "max_deviation": dev.max().item(), "scale": ref.abs().max().item()}
+    for name, cols in parts.items():
+        if cols.stop > cols.start:
+            row[name] = {"deviation": dev[:, cols].median().item(),
+                         "floor": max(f[:, cols].median().item() for f in floors)}
+    return row

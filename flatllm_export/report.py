@@ -98,23 +98,35 @@ def tasks_markdown(tasks: dict) -> str:
 
 
 def validation_markdown(v: dict) -> str:
-    cols = ["dataset", "runtime", "ppl", "ppl_rel_diff", "logit_dev_f64", "logit_tol", "ppl_dev_f64", "ppl_tol",
-            "greedy", "floor", "note", "ok"]
+    cols = ["dataset", "runtime", "ppl", "ppl_increase", "logit_dev_f64", "logit_tol", "ppl_dev_f64", "ppl_tol",
+            "layers", "greedy", "floor", "note", "ok"]
     if any("acc" in r for r in v["rows"]):  # task rows (lm-eval): accuracy, and the items scored differently
         cols[-3:-3] = ["acc", "acc_norm", "items", "acc_diff", "acc_tol", "items_differ"]
     s = v["sample"]
     floors = "; ".join(f"{kind}: logits {f['logits']:.3g}, ppl {f['ppl']:.3g}" for kind, f in v["floors"].items())
-    lines = ["## Validation (cross-runtime parity against float64)", "",
-             f"Each runtime's deviation from the float64 reference of the model (on {s['windows']} {s['dataset']} "
-             f"window(s), {s['tokens']} predicted tokens; greedy: {s['generate_tokens']} tokens after a "
-             f"{s['prompt_tokens']}-token prompt) is judged against k = {v['noise_k']:g} x the noise floor of its "
-             "precision (PyTorch's own deviation from float64) + one float32 ulp. `ppl` and `ppl_rel_diff` (vs "
-             "torch) are over all evaluation windows; `*_dev_f64` and `*_tol` on the sample."
-             + ("" if "task_tolerance" not in v else " Task rows (lm-eval): an fp32 runtime must score every item "
-                "as torch does (`acc_tol` 0); other precisions may differ in accuracy by `acc_tol` = "
+    lines = ["## Validation", "", "### Parity: does each runtime compute what its export defines?", "",
+             f"Each runtime's deviation from the float64 reference of the model as exported (on {s['windows']} "
+             f"{s['dataset']} window(s), {s['tokens']} predicted tokens; greedy: {s['generate_tokens']} tokens after "
+             f"a {s['prompt_tokens']}-token prompt) is judged against k = {v['noise_k']:g} x the noise floor + one "
+             "float32 ulp. The reference and the floor compute the export's own arithmetic (`floor` names it: the "
+             "precision, and the approximations the export makes by design, emulated); the floor is PyTorch's "
+             "deviation from float64 at that precision (the `torch` row: shown, not judged). `layers`: each decoder "
+             "layer and the head on the runtime's own inputs (median over token rows of each row's largest "
+             "deviation; prefill and decode rows apart), tolerance from PyTorch on the same inputs. `*_dev_f64` and "
+             "`*_tol` are on the sample."
+             + ("" if "task_tolerance" not in v else " Task rows (lm-eval): an fp32 runtime of the exact arithmetic "
+                "must score every item as torch does (`acc_tol` 0); others may differ in accuracy by `acc_tol` = "
                 f"{v['task_tolerance']:g}; `items_differ` lists the doc ids scored differently from torch."), "",
              _table(v["rows"], cols), "", f"- noise floors: {floors}",
-             f"- float64 reference: {v['float64_seconds']} s of the validation's {v['seconds']} s", "",
-             f"**{'PASS' if v['passed'] else 'FAIL'}**" + ("" if v["passed"] else ":")]
+             f"- float64 reference: {v['float64_seconds']} s of the validation's {v['seconds']} s", ""]
+    cost = v.get("accuracy_cost") or []
+    lines += ["### Accuracy cost: what the export's approximations cost against the PyTorch model", "",
+              "`ppl_increase` in the table above: each runtime's perplexity over all evaluation windows relative to "
+              "torch's. Each approximation alone, by PyTorch (fp32) emulating only it, on the first dataset:", ""]
+    lines += ([_table(cost, ["runtime", "approximation", "ppl_emulated", "ppl_increase", "ppl_runtime"]), ""]
+              if cost else ["(no runtime approximates: every export computes the PyTorch model's arithmetic)", ""])
+    budget = v.get("max_ppl_increase")
+    lines += [f"- budget `validation.max_ppl_increase`: {'not set (reported, not enforced)' if budget is None else budget}",
+              "", f"**{'PASS' if v['passed'] else 'FAIL'}**" + ("" if v["passed"] else ":")]
     lines += [f"- {msg}" for msg in v["failures"]]
     return "\n".join(lines + [""])

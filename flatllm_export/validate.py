@@ -18,9 +18,11 @@ import torch
 
 from .evaluate import nll_sum, torch_logits_fn
 from .modeling.streaming import is_streamed
-from .parity import (DTYPE_OF_KIND, KIND_OF_DTYPE, SampleStats, base_kind, floors_from, greedy_divergence, judge,
+from .emulation import Arithmetic
+from .parity import (DTYPE_OF_KIND, KIND_OF_DTYPE, SampleStats, floors_from, greedy_divergence, judge, judge_layers,
                      onnx_floor_kind)
-from .reference import float64_hidden, float64_logits, float64_project, with_dtype
+from .reference import (EXACT, emulated_logits_fn, float64_hidden, float64_logits, float64_project,
+                        layer_deviations, with_dtype)
 
 PROMPT_TOKENS = 16
 
@@ -45,12 +47,20 @@ def greedy_torch(model, ids: torch.Tensor, new_tokens: int) -> np.ndarray:
 
 
 class Runtime:
-    """A named runtime: a logits function for perplexity, a greedy generator, and the kind of noise floor
-    (``parity.DTYPE_OF_KIND`` or ``int8``) its arithmetic is judged against."""
+    """A named runtime: a logits function for perplexity, a greedy generator, the float precision its arithmetic
+    is judged at (``parity.DTYPE_OF_KIND``), the approximations its export makes by design (``arith``), and, where
+    the runtime can show its values between decoder layers, ``streams_fn(ids, prefill) -> (streams, logits)``
+    (``OrtDecoder.layer_streams``) for the layer-by-layer figure."""
 
-    def __init__(self, name: str, logits_fn, generate_fn, floor_kind: str = "fp32", note: str = ""):
+    def __init__(self, name: str, logits_fn, generate_fn, floor_kind: str = "fp32", note: str = "",
+                 arith: Arithmetic = EXACT, streams_fn=None):
         self.name, self.logits_fn, self.generate_fn = name, logits_fn, generate_fn
-        self.floor_kind, self.note = floor_kind, note
+        self.floor_kind, self.note, self.arith, self.streams_fn = floor_kind, note, arith, streams_fn
+
+    @property
+    def key(self) -> tuple:
+        """What its reference and floor depend on: (arithmetic, precision)."""
+        return self.arith, self.floor_kind
 
 
 def torch_runtime(name: str, model, note: str = "") -> Runtime:
@@ -58,22 +68,23 @@ def torch_runtime(name: str, model, note: str = "") -> Runtime:
     return Runtime(name, torch_logits_fn(model), lambda ids, n: greedy_torch(model, ids, n), kind, note)
 
 
-def _onnx_traits(meta: dict) -> tuple[str, str]:
-    """(floor kind, note) of an ONNX export from its metadata."""
+def _onnx_traits(meta: dict) -> tuple[str, str, Arithmetic]:
+    """(precision, note, arithmetic) of an ONNX export from its metadata."""
     level = meta.get("accuracy_level") if meta["int4"] else None
     note = ("int4 MatMulNBits" + (f" accuracy_level {level}" if level else "") if meta["int4"] else "") \
         + f" {meta['dtype']}"
-    if meta.get("approximate_head"):  # embedding / lm_head rounded at export: PyTorch has no such model; the
-        return "int8", (note + " rounded embedding/lm_head").strip()  # loose floor, as for int8 activations
-    return onnx_floor_kind(meta["dtype"], meta["int4"], level), note.strip()
+    arith = Arithmetic.of_onnx(meta)
+    note = note.strip() + ("" if arith.exact else f"; emulated: {arith.describe()}")
+    return onnx_floor_kind(meta["dtype"], meta["int4"], level), note, arith
 
 
 def onnx_runtime(folder: Path) -> Runtime:
     from .runtime.ort import OrtDecoder
 
     dec = OrtDecoder(folder)
-    kind, note = _onnx_traits(dec.meta)
-    return Runtime("onnxruntime", dec.logits_fn(), lambda ids, n: dec.generate(ids.numpy(), n), kind, note)
+    kind, note, arith = _onnx_traits(dec.meta)
+    return Runtime("onnxruntime", dec.logits_fn(), lambda ids, n: dec.generate(ids.numpy(), n), kind, note, arith,
+                   lambda ids, prefill: dec.layer_streams(ids.numpy(), prefill))
 
 
 def genai_runtime(folder: Path) -> Runtime:
@@ -85,8 +96,9 @@ def genai_runtime(folder: Path) -> Runtime:
     if reason:
         raise ValueError(f"validation runtime 'onnxruntime-genai' cannot run {folder}: {reason}")
     dec = GenaiDecoder(folder)
-    kind, note = _onnx_traits(meta)
-    return Runtime("onnxruntime-genai", dec.logits_fn(), lambda ids, n: dec.generate(ids.numpy(), n), kind, note)
+    kind, note, arith = _onnx_traits(meta)
+    return Runtime("onnxruntime-genai", dec.logits_fn(), lambda ids, n: dec.generate(ids.numpy(), n), kind, note,
+                   arith)
 
 
 class _Clock:
@@ -103,84 +115,153 @@ class _Clock:
             self.seconds += time.perf_counter() - start
 
 
-def _greedy_label(g: dict, agree: int) -> str:
+def _greedy_label(g: dict, agree: int, compared: int) -> str:
     if g["first"] is None:
-        return f"{g['steps']}/{g['steps']} = float64, {agree}/{g['steps']} = torch"
+        return f"{g['steps']}/{g['steps']} = float64, {agree}/{compared} = torch"
     return (f"float64 top-1 until step {g['first']} (margin {g['first_margin']:.2g}); worst margin "
-            f"{g['max_margin']:.2g} at step {g['worst']}; {agree}/{g['steps']} = torch")
+            f"{g['max_margin']:.2g} at step {g['worst']}; {agree}/{compared} = torch")
+
+
+def _floor_runtime(model, reference: Runtime, arith: Arithmetic, kind: str) -> Runtime:
+    """PyTorch computing ``arith`` at precision ``kind``: the noise floor of every runtime with that key."""
+    if arith.exact and kind == reference.floor_kind:
+        return reference
+    if arith.exact:
+        return torch_runtime(f"torch {kind}", with_dtype(model, DTYPE_OF_KIND[kind]), "noise floor")
+    return Runtime(f"torch {kind} emulating {arith.runtime}", emulated_logits_fn(model, arith, DTYPE_OF_KIND[kind]),
+                   None, kind, f"noise floor: {arith.describe()}", arith)
 
 
 def parity(model, others: list[Runtime], windows: dict[str, torch.Tensor], settings, batch_size: int = 8,
            note: str = "in memory") -> dict:
     """The validation section of the report: ``model`` is the PyTorch model as exported (its float64 reference and
     its noise floors are computed from it); ``others`` the runtimes reading the exported files; ``windows``:
-    dataset name -> evaluation windows (n, seqlen); ``settings``: the recipe's validation section."""
+    dataset name -> evaluation windows (n, seqlen); ``settings``: the recipe's validation section.
+
+    Parity (does each runtime compute what its export defines?) is judged per runtime against the float64
+    reference of its export's arithmetic, with PyTorch computing the same at the runtime's precision as the
+    floor; the in-memory PyTorch model is the floor of the exact arithmetic (shown, not judged). Accuracy cost
+    (what the export's approximations cost against the PyTorch model) is reported apart: ppl per runtime and
+    dataset, ``ppl_increase`` relative to torch, and the cost of each approximation alone (PyTorch emulating
+    it), checked against ``settings.max_ppl_increase`` when the recipe sets one."""
     start = time.perf_counter()
     reference = torch_runtime("torch", model, note)
+    keys = list(dict.fromkeys([reference.key] + [rt.key for rt in others]))
+    floors_rt = {key: _floor_runtime(model, reference, *key) for key in keys}
+    extra = [rt for rt in floors_rt.values() if rt is not reference]
     judged = [reference, *others]
-    floor_runtimes = {reference.floor_kind: reference}
-    for kind in sorted({base_kind(rt.floor_kind) for rt in judged} - set(floor_runtimes)):
-        floor_runtimes[kind] = torch_runtime(f"torch {kind}", with_dtype(model, DTYPE_OF_KIND[kind]), "noise floor")
-    extra = [rt for kind, rt in floor_runtimes.items() if rt is not reference]
     clock = _Clock()
     first_name = next(iter(windows))
     n_sample = min(settings.sample_windows, windows[first_name].shape[0])
-    # one float64 layer loop over the whole sample; logits are projected one window at a time
-    hidden64 = clock(float64_hidden, model, windows[first_name][:n_sample], n_sample)
+    sample = windows[first_name][:n_sample]
+    ariths = list(dict.fromkeys(key[0] for key in keys))
+    # one float64 layer loop over the whole sample per arithmetic; logits are projected one window at a time
+    hidden64 = {a: clock(float64_hidden, model, sample, n_sample, a) for a in ariths}
     stats = {rt.name: SampleStats() for rt in judged + extra}
 
     rows, ppl = [], {}
     for name, win in windows.items():
-        sample = list(win[:n_sample].split(1)) if name == first_name else []
-        rest = list(win[len(sample):].split(batch_size))
-        nll = {rt.name: 0.0 for rt in judged}
-        for i, chunk in enumerate(sample + rest):
-            truth_chunk = clock(float64_project, model, hidden64[i : i + 1]) if i < len(sample) else None
-            for rt in judged + (extra if truth_chunk is not None else []):
+        chunks = list(sample.split(1)) if name == first_name else []
+        chunks += list(win[len(chunks):].split(batch_size))
+        nll = {rt.name: 0.0 for rt in judged + extra}
+        for i, chunk in enumerate(chunks):
+            truth = ({a: clock(float64_project, model, hidden64[a][i : i + 1], a) for a in ariths}
+                     if name == first_name and i < n_sample else None)
+            for rt in judged + extra:
                 logits = rt.logits_fn(chunk)
-                if rt in judged:
-                    nll[rt.name] += nll_sum(logits, chunk)
-                if truth_chunk is not None:
-                    stats[rt.name].add(logits, truth_chunk, chunk)
+                nll[rt.name] += nll_sum(logits, chunk)
+                if truth is not None:
+                    stats[rt.name].add(logits, truth[rt.arith], chunk)
         tokens = win.numel() - win.shape[0]
-        ppl[name] = {rt.name: float(np.exp(nll[rt.name] / tokens)) for rt in judged}
+        ppl[name] = {n: float(np.exp(v / tokens)) for n, v in nll.items()}
 
-    floors = floors_from({kind: stats[rt.name] for kind, rt in floor_runtimes.items()})
+    floors = floors_from({_key_label(key): stats[rt.name] for key, rt in floors_rt.items()})
     prompt = windows[first_name][:1, :PROMPT_TOKENS]
     gens = {rt.name: torch.from_numpy(np.asarray(rt.generate_fn(prompt, settings.generate_tokens))) for rt in judged}
-    # float64 on every runtime's own greedy prefix, all runtimes in one layer loop
-    truth_gen = clock(float64_logits, model, torch.cat([g[:, :-1] for g in gens.values()]), len(gens))
-    k, verdicts, failures = settings.noise_k, {}, []
-    for j, rt in enumerate(judged):
-        s, f = stats[rt.name], floors[rt.floor_kind]
-        g = greedy_divergence(gens[rt.name], truth_gen[j : j + 1], prompt.shape[1])
-        new, new_ref = gens[rt.name][0, prompt.shape[1]:], gens[reference.name][0, prompt.shape[1]:]
-        agree = int(torch.cumprod((new == new_ref).long(), 0).sum())
+    new_ref = gens[reference.name][0, prompt.shape[1]:]
+    k, verdicts, failures, layer_rows = settings.noise_k, {}, [], {}
+    for rt in judged:
+        s, f = stats[rt.name], floors[_key_label(rt.key)]
+        # float64 on the runtime's own greedy prefix (a runtime may stop early at EOS: compared as far as it went)
+        g = greedy_divergence(gens[rt.name], clock(float64_logits, model, gens[rt.name][:, :-1], 1, rt.arith),
+                              prompt.shape[1])
+        new = gens[rt.name][0, prompt.shape[1]:]
+        compared = min(len(new), len(new_ref))
+        agree = int(torch.cumprod((new[:compared] == new_ref[:compared]).long(), 0).sum())
         where = f" at step {g['worst']}" if g["worst"] is not None else ""
         v = [judge(rt.name, "logits", s.max_dev, f["logits"], rt.floor_kind, k, s.scale),
              judge(rt.name, "ppl", s.ppl_dev, f["ppl"], rt.floor_kind, k, s.nll64 / max(s.tokens, 1)),
              judge(rt.name, "greedy", g["max_margin"], f["logits"], rt.floor_kind, k, g["scale"], where)]
-        verdicts[rt.name] = [x.as_dict() for x in v]
-        failures += [x.message for x in v if not x.ok]
+        if rt.streams_fn is not None:  # layer by layer on the runtime's own inputs: half prefill, half decode
+            prefill = max(1, sample.shape[1] // 2)
+            streams, got = rt.streams_fn(sample, prefill)
+            layer_rows[rt.name] = clock(layer_deviations, model, streams, got, prefill, rt.arith,
+                                        DTYPE_OF_KIND[rt.floor_kind])
+            v.append(judge_layers(rt.name, layer_rows[rt.name], rt.floor_kind, k))
+        if rt is not reference:  # the in-memory model is the floor of the exact arithmetic: shown, not judged
+            verdicts[rt.name] = [x.as_dict() for x in v]
+            failures += [x.message for x in v if not x.ok]
+        stopped = f"; stopped after {len(new)} of {settings.generate_tokens} tokens" \
+            if len(new) < settings.generate_tokens else ""
         for name in windows:
             first = name == first_name
             rows.append({"dataset": name, "runtime": rt.name, "ppl": ppl[name][rt.name],
-                         "ppl_rel_diff": abs(ppl[name][rt.name] / ppl[name][reference.name] - 1),
+                         "ppl_increase": ppl[name][rt.name] / ppl[name][reference.name] - 1,
                          "logit_dev_f64": s.max_dev if first else None,
-                         "logit_tol": v[0].tolerance if first else None,
-                         "ppl_dev_f64": s.ppl_dev if first else None, "ppl_tol": v[1].tolerance if first else None,
-                         "greedy": _greedy_label(g, agree) if first else None,
-                         "floor": rt.floor_kind, "note": rt.note,
-                         "ok": all(x.ok for x in v) if first else None})
+                         "logit_tol": v[0].tolerance if first and rt is not reference else None,
+                         "ppl_dev_f64": s.ppl_dev if first else None,
+                         "ppl_tol": v[1].tolerance if first and rt is not reference else None,
+                         "layers": (f"{v[3].deviation:.2g} <= {v[3].tolerance:.2g}{v[3].where}"
+                                    if first and len(v) > 3 else None),
+                         "greedy": _greedy_label(g, agree, compared) + stopped if first else None,
+                         "floor": _key_label(rt.key), "note": rt.note,
+                         "ok": (all(x.ok for x in v) if rt is not reference else "floor") if first else None})
     for rt in extra:
         s = stats[rt.name]
-        rows.append({"dataset": first_name, "runtime": rt.name, "ppl": None, "logit_dev_f64": s.max_dev,
-                     "ppl_dev_f64": s.ppl_dev, "floor": base_kind(rt.floor_kind), "note": "noise floor only"})
+        rows.append({"dataset": first_name, "runtime": rt.name, "ppl": ppl[first_name][rt.name],
+                     "logit_dev_f64": s.max_dev, "ppl_dev_f64": s.ppl_dev, "floor": _key_label(rt.key),
+                     "note": rt.note, "ok": "floor"})
     s_ref = stats[reference.name]
     rows.append({"dataset": first_name, "runtime": "float64 reference", "ppl": None, "logit_dev_f64": 0.0,
                  "ppl_dev_f64": 0.0, "note": f"sample ppl {s_ref.ppl64:.6g} over {n_sample} windows"})
+    known = {rt.arith: ppl[first_name][rt.name] for rt in extra if rt.floor_kind == "fp32"}
+    cost = accuracy_cost(model, [rt for rt in others if not rt.arith.exact], windows[first_name],
+                         ppl[first_name], reference.name, batch_size, known)
+    budget = getattr(settings, "max_ppl_increase", None)
+    if budget is not None:
+        for name in windows:
+            for rt in others:
+                inc = ppl[name][rt.name] / ppl[name][reference.name] - 1
+                if inc > budget:
+                    failures.append(f"{rt.name}: accuracy cost on {name}: ppl {ppl[name][rt.name]:.4g} vs torch "
+                                    f"{ppl[name][reference.name]:.4g} (+{100 * inc:.2f}%) exceeds "
+                                    f"validation.max_ppl_increase {budget:g} (+{100 * budget:.2f}%)")
     return {"rows": rows, "passed": not failures, "failures": failures, "verdicts": verdicts, "noise_k": k,
-            "floors": floors, "sample": {"dataset": first_name, "windows": n_sample, "tokens": s_ref.tokens,
-                                         "ppl_float64": s_ref.ppl64, "prompt_tokens": int(prompt.shape[1]),
-                                         "generate_tokens": settings.generate_tokens},
+            "floors": floors, "layers": layer_rows, "accuracy_cost": cost, "max_ppl_increase": budget,
+            "sample": {"dataset": first_name, "windows": n_sample, "tokens": s_ref.tokens,
+                       "ppl_float64": s_ref.ppl64, "prompt_tokens": int(prompt.shape[1]),
+                       "generate_tokens": settings.generate_tokens},
             "float64_seconds": round(clock.seconds, 2), "seconds": round(time.perf_counter() - start, 2)}
+
+
+def _key_label(key: tuple) -> str:
+    arith, kind = key
+    return kind if arith.exact else f"{kind}, {arith.describe()}"
+
+
+def accuracy_cost(model, runtimes: list[Runtime], windows: torch.Tensor, ppl: dict, ref_name: str,
+                  batch_size: int, known: dict | None = None) -> list[dict]:
+    """What each approximation of each export costs alone: ppl of PyTorch (fp32) emulating only it, over
+    ``windows``, against the PyTorch model's; and all of them together beside the runtime's own ppl."""
+    from .evaluate import perplexity
+
+    out, seen = [], dict(known or {})  # known: arithmetic -> ppl already measured on these windows
+    for rt in runtimes:
+        for label, arith in {**rt.arith.approximations(), "all together": rt.arith}.items():
+            if arith not in seen:
+                seen[arith] = perplexity(emulated_logits_fn(model, arith), windows, batch_size,
+                                         desc=f"cost of {label}")["ppl"]
+            out.append({"runtime": rt.name, "approximation": label, "ppl_emulated": seen[arith],
+                        "ppl_increase": seen[arith] / ppl[ref_name] - 1,
+                        "ppl_runtime": ppl[rt.name] if label == "all together" else None})
+    return out

@@ -28,16 +28,22 @@ def windows(name, n=8, seqlen=128, split="test"):
     return data.evaluation_windows(data.tokenize(tok, text), seqlen, n)
 
 
+def rows_of(res) -> dict:
+    return {r["runtime"]: r for r in res["rows"]}
+
+
 def check(res, kind="fp32"):
     assert res["passed"], res["failures"]
     rows = {r["runtime"]: r for r in res["rows"]}
     ort = rows["onnxruntime"]
     assert ort["floor"] == kind and ort["ok"]
     assert ort["logit_dev_f64"] <= ort["logit_tol"] and ort["ppl_dev_f64"] <= ort["ppl_tol"]
-    if kind == "fp32":  # fp32 onnxruntime sits at PyTorch's own distance from float64
-        assert ort["logit_dev_f64"] <= 4 * rows["torch"]["logit_dev_f64"] and ort["ppl_rel_diff"] < 1e-5
+    floor = rows.get(f"torch {kind} emulating onnxruntime", rows["torch"])  # PyTorch computing the same
+    if kind == "fp32":  # fp32 onnxruntime sits at PyTorch's own distance from float64 (of the same arithmetic)
+        assert ort["logit_dev_f64"] <= 4 * floor["logit_dev_f64"]
+        assert abs(ort["ppl"] / floor["ppl"] - 1) < 1e-4
     else:
-        assert ort["ppl_rel_diff"] < 5e-3
+        assert abs(ort["ppl_increase"]) < 5e-3
 
 
 @pytest.mark.parametrize("name", ["ref-llama", "ref-gqa"])
@@ -74,7 +80,9 @@ def test_int4_matmulnbits_parity_with_the_gptq_model(tmp_path, name, level):
     n_nbits = sum(n.op_type == "MatMulNBits" for n in graph.node)
     assert n_nbits == 4 * model.config.num_hidden_layers  # fused q/k/v and gate/up, o_proj, down_proj
     res = parity(model, [onnx_runtime(tmp_path / "onnx")], {"test": windows(name)}, SETTINGS)
-    check(res, "fp32" if level == 0 else "int8")
+    check(res, "fp32" if level == 0 else "fp32, mlas-int8 activations")
+    if level == 4:  # int8 activations cost accuracy, which is reported apart from parity
+        assert rows_of(res)["onnxruntime"]["ppl_increase"] != 0.0
 
 
 def test_dense_reference_export_matches_pytorch_and_fp16_runs(tmp_path):
@@ -243,7 +251,7 @@ def test_quantized_tied_embedding_and_lm_head_are_written_once(tmp_path, bits):
     res = parity(model, [onnx_runtime(tmp_path / "q")], {"test": windows("ref-llama", n=4)},
                  SETTINGS)
     ort = next(r for r in res["rows"] if r["runtime"] == "onnxruntime")
-    assert ort["ok"] and ort["ppl_rel_diff"] < (0.03 if bits == 4 else 0.002), res["rows"]
+    assert ort["ok"] and abs(ort["ppl_increase"]) < (0.03 if bits == 4 else 0.002), res["rows"]
 
 
 def test_flatllm_int4_with_padded_value_cache_generates_in_onnxruntime_genai(tmp_path):

@@ -90,7 +90,7 @@ def test_floor_kinds_of_onnx_exports():
     assert onnx_floor_kind("float32", False, None) == "fp32"
     assert onnx_floor_kind("float32", True, 0) == "fp32"
     assert onnx_floor_kind("float16", False, None) == "fp16"
-    assert onnx_floor_kind("float32", True, 4) == "int8"
+    assert onnx_floor_kind("float32", True, 4) == "fp32"  # int8 activations: an arithmetic, emulated at fp32
 
 
 def test_recipe_refuses_the_removed_fixed_tolerances_and_a_k_below_one():

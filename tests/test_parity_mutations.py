@@ -1,6 +1,8 @@
 """Exports broken in small ways are refused, by the exporter's own check and by ``validate``, each naming the
-runtime and the figure; the unbroken export passes both. One quantized (int4 g32), tied-head ref-gqa serves every
-case: each mutation changes a copy of it (or the graph's cache handling) and the check runs against the original."""
+runtime and the figure; the unbroken export passes both. One quantized (int4 g32, GPTQ lm_head), tied-head ref-gqa
+serves every case: each mutation changes a copy of it (or the graph's cache handling) and the check runs against
+the original. Every case runs at the shipped default (MatMulNBits accuracy_level 4: int8 activations; the tied
+embedding read from the int4 lm_head's table) and at accuracy_level 0 with a float embedding (exact arithmetic)."""
 
 import copy
 import dataclasses
@@ -29,13 +31,14 @@ LAYER = 3
 
 @pytest.fixture(scope="module")
 def base():
-    """ref-gqa with its lm_head tied to the embedding, GPTQ int4 g32 (calibration 4 x 64 tokens: fast)."""
+    """ref-gqa with its lm_head tied to the embedding, GPTQ int4 g32, the lm_head too (calibration 4 x 64 tokens:
+    fast)."""
     tok = AutoTokenizer.from_pretrained(ref_path("ref-gqa"))
     model = load_model("ref-gqa")
     model.config.tie_word_embeddings = True
     model.tie_weights()
     calib = data.calibration_windows(data.tokenize(tok, data.shakespeare_text("train")[:100_000]), 4, 64, 0)
-    quantize_model(model, calib, QuantizationSection(bits=4, group_size=32))
+    quantize_model(model, calib, QuantizationSection(bits=4, group_size=32), lm_head_bits=4)
     test = data.evaluation_windows(data.tokenize(tok, data.shakespeare_text("test")[:60_000]), 96, 3)
     return model, test
 
@@ -78,16 +81,17 @@ class ValuesOneOff(onnx_graph.GraphLayer):
         return super().forward(x, residual, lengths, past_k, past_v)
 
 
-EXACT = ExportContext(extra={"accuracy_level": 0})  # float32 activations: the tight floor a mutation must break
+LEVELS = {0: ExportContext(extra={"accuracy_level": 0}),  # float32 activations, float embedding: exact arithmetic
+          4: ExportContext(extra={"accuracy_level": 4, "embedding": "auto"})}  # the shipped default
 MUTATIONS = {"scales": scales_up, "value_heads": swap_value_heads, "rope_base": rope_base, "tied_head": untie_head,
              "kv_cache": None}
 
 
-def write_onnx(model, out, monkeypatch=None, layer_class=None):
+def write_onnx(model, out, level, monkeypatch=None, layer_class=None):
     out.mkdir(parents=True)
     if layer_class is not None:
         monkeypatch.setattr(onnx_graph, "GraphLayer", layer_class)
-    opts = onnx_exporter.options(model, EXACT)
+    opts = onnx_exporter.options(model, LEVELS[level])
     onnx_exporter.export_graph(model, out / "model.onnx", opts)
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
     int4 = any(n.op_type == "MatMulNBits" for n in graph.node)
@@ -95,40 +99,52 @@ def write_onnx(model, out, monkeypatch=None, layer_class=None):
     return int4
 
 
-def test_unbroken_export_passes_both_checks(base, tmp_path):
+@pytest.mark.parametrize("level", list(LEVELS))
+def test_unbroken_export_passes_both_checks(base, tmp_path, level):
     model, test = base
-    rep = export("onnx", model, None, tmp_path / "onnx", EXACT)
+    rep = export("onnx", model, None, tmp_path / "onnx", LEVELS[level])
     assert rep["int4"] and rep["max_abs_logit_diff"] <= rep["tolerance"] and rep["floor_kind"] == "fp32"
+    assert rep["arithmetic"] == ("exact" if level == 0 else "mlas-int8 activations, int4 embedding")
     res = parity(model, [onnx_runtime(tmp_path / "onnx")], {"test": test}, SETTINGS)
     assert res["passed"], res["failures"]
+    assert {v["figure"] for v in res["verdicts"]["onnxruntime"]} == {"logits", "ppl", "greedy", "layers"}
+    assert "torch" not in res["verdicts"]  # the in-memory model is the floor, not a judged runtime
     ort = next(r for r in res["rows"] if r["runtime"] == "onnxruntime")
-    assert ort["logit_dev_f64"] <= 2 * res["floors"]["fp32"]["logits"]  # ~ PyTorch's own distance
+    floor = res["floors"][ort["floor"]]
+    assert ort["logit_dev_f64"] <= 2 * floor["logits"]  # ~ PyTorch's own distance from the same arithmetic
+    if level == 4:  # the approximations and what each costs are reported, beside the runtime's own ppl
+        cost = {c["approximation"]: c for c in res["accuracy_cost"]}
+        assert set(cost) == {"mlas-int8 activations", "int4 embedding", "all together"}
+        together = cost["all together"]
+        assert abs(together["ppl_emulated"] / together["ppl_runtime"] - 1) < 1e-3  # the emulation is the runtime
 
 
+@pytest.mark.parametrize("level", list(LEVELS))
 @pytest.mark.parametrize("mutation", list(MUTATIONS))
-def test_broken_onnx_export_is_refused(base, tmp_path, monkeypatch, mutation):
+def test_broken_onnx_export_is_refused(base, tmp_path, monkeypatch, mutation, level):
     model, test = base
     mutant = model
     if MUTATIONS[mutation] is not None:
         mutant = copy.deepcopy(model)
         MUTATIONS[mutation](mutant)
     out = tmp_path / "onnx"
-    write_onnx(mutant, out, monkeypatch, ValuesOneOff if mutation == "kv_cache" else None)
+    write_onnx(mutant, out, level, monkeypatch, ValuesOneOff if mutation == "kv_cache" else None)
     monkeypatch.undo()
     with pytest.raises(ExportError) as err:  # the exporter's own check, against the unbroken model
-        onnx_exporter.self_check(model, out, "float32", True, 0)
-    assert "onnxruntime: max |logit - float64|" in str(err.value) and "noise floor" in str(err.value)
+        onnx_exporter.self_check(model, out, "float32", True, level)
+    assert "onnxruntime: " in str(err.value) and "noise floor" in str(err.value)
     res = parity(model, [onnx_runtime(out)], {"test": test}, SETTINGS)
     assert not res["passed"] and res["failures"]
     failed = {v["figure"] for v in res["verdicts"]["onnxruntime"] if not v["ok"]}
     assert all(m.startswith("onnxruntime: ") for m in res["failures"])
-    assert all(v["ok"] for v in res["verdicts"]["torch"])
-    if mutation == "kv_cache":  # prefill (logits, ppl) is right; only decoding reads the cache
-        assert failed == {"greedy"}, res["failures"]
-        assert "float64 top-2 margin where greedy diverged" in res["failures"][0]
-    else:
-        assert "logits" in failed, res["failures"]
-        assert any("max |logit - float64|" in m for m in res["failures"])
+    assert "layers" in failed, res["failures"]  # layer by layer, on onnxruntime's own inputs
+    where = next(v["where"] for v in res["verdicts"]["onnxruntime"] if v["figure"] == "layers")
+    if mutation == "kv_cache":  # prefill is right; only decoding reads the cache
+        assert "(decode)" in where, where
+    elif mutation == "tied_head":
+        assert "the head" in where, where
+    elif mutation in ("scales", "value_heads"):
+        assert f"layer {LAYER} " in where, where
 
 
 def test_broken_gptq_checkpoint_is_refused(base, tmp_path):
@@ -149,6 +165,7 @@ def test_gptq_export_that_drops_an_untied_head_is_refused(base, tmp_path):
     lm_head for a tied model) would silently lose it. The gptq exporter's own check refuses to report success."""
     model, _ = base
     mutant = copy.deepcopy(model)
-    untie_head(mutant)
+    untie_head(mutant)  # a float head again: the checkpoint's config says so
+    mutant.config.quantization_config = {**mutant.config.quantization_config, "lm_head": False}
     with pytest.raises(ExportError, match=r"gptq export .* reloaded gptq/: max \|logit - float64\|"):
         export("gptq", mutant, None, tmp_path / "gptq", ExportContext())

@@ -151,12 +151,13 @@ class OrtDecoder:
 
     def run(self, input_ids: np.ndarray, past: list, logits_out: np.ndarray,
             attention_mask: np.ndarray | None = None, position_ids: np.ndarray | None = None,
-            last_only: bool = False, past_len: int | None = None) -> list:
+            last_only: bool = False, past_len: int | None = None, extras: dict | None = None) -> list:
         """One step through an IO binding. ``past``: per-layer OrtValues (a previous run's presents) or arrays;
         ``logits_out``: the buffer onnxruntime writes the logits into, (B, T, V), or (B, 1, V) with
         ``last_only`` when the graph takes num_logits_to_keep (see ``logits_buffer``). ``past_len``: the valid
         length of ``past`` when it is a ``shared_past`` buffer, updated in place (then returned as it is);
-        otherwise the presents come back as new OrtValues that stay in onnxruntime memory."""
+        otherwise the presents come back as new OrtValues that stay in onnxruntime memory. ``extras``: graph
+        values (outputs of a ``probe`` session) to fetch too, filled in place as name -> array."""
         batch, seq = input_ids.shape
         shared = past_len is not None
         past_len = past_len if shared else _length(past[0])
@@ -196,8 +197,59 @@ class OrtDecoder:
                 io.bind_ortvalue_output(name, value)  # the same buffer: new keys/values written in place
             else:
                 io.bind_output(name, "cpu")  # onnxruntime allocates; the values come back as OrtValues
+        for name in extras or ():
+            io.bind_output(name, "cpu")
         self.session.run_with_iobinding(io)
-        return past if shared else io.get_outputs()[1:]
+        outputs = io.get_outputs()
+        for name, value in zip(extras or (), outputs[1 + len(self.present_names):]):
+            extras[name] = value.numpy()
+        return past if shared else outputs[1 : 1 + len(self.present_names)]
+
+    def layer_streams(self, ids: np.ndarray, prefill: int) -> tuple[list[np.ndarray], np.ndarray]:
+        """The residual stream entering every decoder layer and leaving the last, float64 (B, T, hidden), as
+        onnxruntime computes it for ``ids`` (B, T): a prefill of the first ``prefill`` tokens, then one decode
+        step per token, each reading the cache. The graph's values between layers (the embeddings, then each
+        layer's ``/layers.{i}/hidden`` + ``/layers.{i}/residual``) become outputs of a second session over the same
+        weights file. Returns (streams, the logits of every position)."""
+        import os
+        import shutil
+        import tempfile
+
+        import onnx
+        import onnxruntime as ort
+
+        n = self.meta["num_hidden_layers"]
+        names = ["embeddings"] + [f"/layers.{i}/{part}" for i in range(n) for part in ("hidden", "residual")]
+        graph = self.folder / self.meta["filename"]
+        proto = onnx.load(str(graph), load_external_data=False)
+        elem = onnx.TensorProto.FLOAT16 if self.np_dtype == np.float16 else onnx.TensorProto.FLOAT
+        proto.graph.output.extend(onnx.helper.make_tensor_value_info(x, elem, None) for x in names)
+        # the probe graph, with hard links to the export's weights files (onnxruntime refuses weights outside the
+        # graph's folder), in a temporary folder on the export's own file system
+        with tempfile.TemporaryDirectory(dir=self.folder.parent, prefix=".flatllm-probe-") as tmp:
+            for f in self.folder.iterdir():
+                if f.name.startswith(graph.name + "."):
+                    try:
+                        os.link(f, Path(tmp) / f.name)
+                    except OSError:  # a file system without hard links
+                        shutil.copyfile(f, Path(tmp) / f.name)
+            onnx.save(proto, str(Path(tmp) / graph.name))
+            del proto
+            session, self.session = self.session, ort.InferenceSession(str(Path(tmp) / graph.name),
+                                                                       providers=["CPUExecutionProvider"])
+        try:
+            steps, logits = [], []
+            past = self.empty_past(ids.shape[0])
+            for part in [ids[:, :prefill]] + [ids[:, t : t + 1] for t in range(prefill, ids.shape[1])]:
+                steps.append(dict.fromkeys(names))
+                logits.append(self.logits_buffer(*part.shape))
+                past = self.run(part, past, logits[-1], extras=steps[-1])
+        finally:
+            self.session = session
+        joined = {x: np.concatenate([st[x] for st in steps], axis=1).astype(np.float64) for x in names}
+        streams = [joined["embeddings"]] + [joined[f"/layers.{i}/hidden"] + joined[f"/layers.{i}/residual"]
+                                            for i in range(n)]
+        return streams, np.concatenate(logits, axis=1)
 
     def logits_buffer(self, batch: int, seq: int, last_only: bool = False) -> np.ndarray:
         return np.empty((batch, 1 if last_only and self.takes_keep else seq, self.vocab_size), self.logits_dtype)

@@ -1,0 +1,173 @@
+"""What an export computes that the PyTorch model does not: each runtime's approximations, as functions of tensors.
+
+An exported model is not always the PyTorch model's exact twin. By design, a runtime may
+
+- quantize the **activations** entering a quantized matmul (onnxruntime's MatMulNBits at ``accuracy_level`` 4:
+  MLAS's ``CompInt8`` path, ``mlas_int8``);
+- store the **embedding** or the **lm_head** as quantized blocks (round-to-nearest at export, or a tied embedding
+  read from the GPTQ-quantized lm_head's table: ``head_tables``).
+
+An ``Arithmetic`` names the approximations one export makes (read from its metadata, ``of_onnx``). The float64
+reference (``reference.py``) and PyTorch's own noise floor both compute *that* arithmetic: the reference in
+float64, the floor at the runtime's float precision (``emulated_layer``). A runtime is then judged on what it
+was asked to compute, with the fp32 floor, and what the approximations cost in accuracy is reported apart.
+
+Adding a runtime's arithmetic (llama.cpp's Q8_0 activations, say) is one more entry in ``ACTIVATIONS``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .quantize.gptq import QuantizedWeight, quantize_rtn
+from .quantize.qlinear import QuantLinear
+
+TABLE_BITS = {"float": None, "int8": 8, "int4": 4}  # the export's formats of the embedding / an lm_head it rounds
+
+
+def mlas_int8(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Activations as MLAS's ``CompInt8`` path quantizes them (onnxruntime ``QuantizeARow_CompInt8``, MatMulNBits
+    at accuracy_level 4 on CPU), dequantized: each row of A, block by block of the node's ``block_size`` along K
+    (a last partial block on its own), gets the scale amax/127; values are multiplied by 127/amax (one product
+    with the reciprocal computed once, as the kernel does) and rounded half to even; the int8 x int-N products of
+    a block are then summed exactly and scaled by both scales. The arithmetic runs in ``x``'s dtype (float32: the
+    kernel's own rounding of the scale and the product; float64: the reference); a float16 input is quantized in
+    float32, as the kernel converts it."""
+    work = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    k = work.shape[-1]
+    blocks = F.pad(work, (0, -k % block)).unflatten(-1, (-1, block))
+    amax = blocks.abs().amax(-1, keepdim=True)
+    inverse = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    q = torch.round(blocks * inverse)
+    return (q * (amax / 127.0)).flatten(-2)[..., :k].to(x.dtype)
+
+
+ACTIVATIONS = {"mlas-int8": mlas_int8}
+
+
+@dataclass(frozen=True)
+class Arithmetic:
+    """The approximations an export makes by design (none: the PyTorch model's own arithmetic).
+
+    ``activations``: a key of ``ACTIVATIONS``, applied to the input of every quantized linear (the lm_head too
+    when it is quantized); ``embedding``: float | int8 | int4 (a tied int-N embedding reads the quantized lm_head's
+    table, see ``head_tables``); ``lm_head``: float | int8 | int4 (rounded to nearest at export; a GPTQ lm_head is
+    the model's own and stays as it is); ``block_size``: the block of the tables rounded at export."""
+
+    activations: str | None = None
+    embedding: str = "float"
+    lm_head: str = "float"
+    block_size: int = 32
+    runtime: str = "torch"
+
+    def __post_init__(self):
+        if self.activations is not None and self.activations not in ACTIVATIONS:
+            raise ValueError(f"unknown activation arithmetic {self.activations!r}; known: {list(ACTIVATIONS)}")
+        for key in ("embedding", "lm_head"):
+            if getattr(self, key) not in TABLE_BITS:
+                raise ValueError(f"unknown {key} format {getattr(self, key)!r}; known: {list(TABLE_BITS)}")
+
+    @property
+    def exact(self) -> bool:
+        return self.activations is None and self.embedding == "float" and self.lm_head == "float"
+
+    @classmethod
+    def of_onnx(cls, meta: dict) -> "Arithmetic":
+        """The arithmetic of an ONNX export, from its metadata (``flatllm_onnx.json``)."""
+        level4 = bool(meta.get("int4")) and meta.get("accuracy_level") == 4
+        head = meta.get("lm_head", "float")
+        return cls(activations="mlas-int8" if level4 else None, embedding=meta.get("embedding", "float"),
+                   lm_head=head if head in TABLE_BITS else "float", block_size=int(meta.get("head_block_size", 32)),
+                   runtime="onnxruntime")
+
+    def approximations(self) -> dict[str, "Arithmetic"]:
+        """Each approximation of this arithmetic on its own: label -> an arithmetic making only that one."""
+        out = {}
+        if self.activations:
+            out[f"{self.activations} activations"] = Arithmetic(activations=self.activations, runtime=self.runtime)
+        if self.embedding != "float":
+            out[f"{self.embedding} embedding"] = replace(self, activations=None, lm_head="float")
+        if self.lm_head != "float":
+            out[f"{self.lm_head} lm_head"] = replace(self, activations=None, embedding="float")
+        return out
+
+    def describe(self) -> str:
+        return ", ".join(self.approximations()) or "exact"
+
+
+class QuantizedInput(nn.Module):
+    """A quantized linear whose input is first quantized as the runtime does (``ACTIVATIONS``), per block."""
+
+    def __init__(self, linear: nn.Module, activations: str, block: int):
+        super().__init__()
+        self.linear, self.activations, self.block = linear, activations, block
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(ACTIVATIONS[self.activations](x, self.block))
+
+
+# onnxruntime (1.32, x86-64) quantizes A in blocks of at most 256 whatever the node's block_size: measured with one
+# MatMulNBits node (block_size 512 and 1024 match this emulation at 256 to fp32 noise; tests/test_emulation.py)
+MLAS_MAX_ACTIVATION_BLOCK = 256
+
+
+def activation_block(q: QuantizedWeight | QuantLinear) -> int:
+    """The block along K in which a quantized linear's MatMulNBits node quantizes its activations."""
+    from .quantize.matmulnbits import block_size_for
+
+    return min(block_size_for(q.quantized() if isinstance(q, QuantLinear) else q), MLAS_MAX_ACTIVATION_BLOCK)
+
+
+def wrap_quantized(arith: Arithmetic, linear: nn.Module, block: int) -> nn.Module:
+    """``linear`` (the stand-in of a quantized linear) with the arithmetic's activation quantization, if any."""
+    return QuantizedInput(linear, arith.activations, block) if arith.activations else linear
+
+
+def emulated_layer(layer: nn.Module, arith: Arithmetic, dtype: torch.dtype, as_linear=None) -> nn.Module:
+    """A throwaway copy of one decoder layer computing ``arith`` in ``dtype``: each QuantLinear becomes
+    ``as_linear(q)`` (default: a copy of itself) behind the activation quantization."""
+    as_linear = as_linear or copy.deepcopy
+    memo = {id(m): wrap_quantized(arith, as_linear(m), activation_block(m))
+            for m in layer.modules() if isinstance(m, QuantLinear)}
+    return copy.deepcopy(layer, memo).to(dtype)
+
+
+def head_tables(model, embedding: str, lm_head: str, block: int, dtype: torch.dtype = torch.float32
+                ) -> tuple[torch.Tensor | QuantizedWeight, nn.Module | QuantizedWeight]:
+    """The embedding table and the lm_head as an export with these formats stores them: (embedding: a float
+    tensor in ``dtype`` or a QuantizedWeight, lm_head: the model's own module or a QuantizedWeight rounded here).
+    A tied, equally quantized pair is one table: the embedding reads the lm_head's quantized weight."""
+    head = model.lm_head
+    head_q = head.quantized() if isinstance(head, QuantLinear) else None
+    if head_q is None and TABLE_BITS[lm_head]:
+        head_q = quantize_rtn(head.weight.detach().to(dtype), TABLE_BITS[lm_head], block)
+    bits = TABLE_BITS[embedding]
+    emb_w = model.model.embed_tokens.weight.detach()
+    if bits is None:
+        table = emb_w.to(dtype)
+    elif model.config.tie_word_embeddings and head_q is not None and head_q.bits == bits:
+        table = head_q
+    else:
+        table = quantize_rtn(emb_w.to(dtype).float(), bits, block)
+    return table, (head_q if head_q is not None and not isinstance(head, QuantLinear) else head)
+
+
+def exported_tables(model, arith: Arithmetic, dtype: torch.dtype) -> tuple[nn.Embedding, nn.Module]:
+    """(embedding, lm_head) modules in ``dtype`` computing what the export's tables compute under ``arith``."""
+    table, head = head_tables(model, arith.embedding, arith.lm_head, arith.block_size, dtype)
+    weight = table.dequantize(torch.float32) if isinstance(table, QuantizedWeight) else table
+    embed = nn.Embedding.from_pretrained(weight.to(dtype))
+    if isinstance(head, QuantizedWeight):
+        lin = nn.Linear(head.codes.shape[1], head.codes.shape[0], bias=model.lm_head.bias is not None)
+        lin.weight.data = head.dequantize(torch.float32).to(dtype)
+        if lin.bias is not None:
+            lin.bias.data = model.lm_head.bias.detach().to(dtype)
+        return embed, wrap_quantized(arith, lin, activation_block(head))
+    if isinstance(head, QuantLinear):
+        return embed, wrap_quantized(arith, copy.deepcopy(head).to(dtype), activation_block(head))
+    return embed, head
