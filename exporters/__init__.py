@@ -13,6 +13,9 @@ import torch
 
 from flatllm_export.parity import DEFAULT_K
 
+# MatMulNBits accuracy_level of int4 ONNX graphs (4: int8 activations, measured faster for +0.4% ppl on SmolLM2:
+# docs/bench_validation.md); the recipe's export.accuracy_level and the graph options default to it
+DEFAULT_ACCURACY_LEVEL = 4
 EXPORTERS: dict[str, Callable] = {}  # filled as target modules are imported (each registers itself)
 # target -> (module, the packages it imports, the extra that installs them): a target is imported only when used,
 # so a missing optional extra affects only its own targets

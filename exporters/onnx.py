@@ -31,14 +31,13 @@ from flatllm_export.parity import DEFAULT_K, DTYPE_OF_KIND, judge_layers, judge_
 from flatllm_export.quantize.qlinear import QuantLinear
 from flatllm_export.runtime.ort import META_FILE, META_FORMAT
 
-from . import ExportContext, ExportError, register
+from . import DEFAULT_ACCURACY_LEVEL, ExportContext, ExportError, register
 from . import onnx_graph
 from flatllm_export.reference import layer_deviations
 
 from .onnx_graph import GraphOptions, empty_past, graph_ends
 from .onnx_stitch import OPSET, Stitcher, lm_head_weight, normalize, tie_embedding
 
-DEFAULT_ACCURACY_LEVEL = 4  # int8 activations: measured faster for +0.5% ppl (README, Speed)
 SELF_CHECK_PREFILL = 6  # of the self-check's 13 tokens; the other 7 are decoded one by one
 
 
@@ -212,17 +211,17 @@ def self_check(model, out: Path, dtype: str, int4: bool, accuracy_level: int, no
     ids = torch.randint(0, model.config.vocab_size, (2, 13), generator=torch.Generator().manual_seed(0))
     streams, got = dec.layer_streams(ids.numpy(), SELF_CHECK_PREFILL)
     kind = onnx_floor_kind(dtype, int4, accuracy_level)
-    rows = layer_deviations(model, streams, got, SELF_CHECK_PREFILL, arith, DTYPE_OF_KIND[kind])
-    verdicts = [judge_layers("onnxruntime", rows, kind, noise_k),
-                judge_logits("onnxruntime", torch.from_numpy(got.astype(np.float32)), model, ids, kind, noise_k,
-                             arith=arith)]
-    for v in verdicts:
+    rows = layer_deviations(model, ids, streams, got, SELF_CHECK_PREFILL, arith, DTYPE_OF_KIND[kind])
+    layers = judge_layers("onnxruntime", rows, kind, noise_k)
+    logits = judge_logits("onnxruntime", torch.from_numpy(got.astype(np.float32)), model, ids, kind, noise_k,
+                          arith=arith)
+    judged = [layers] + ([] if arith.activations else [logits])  # int8 activations: see validate.judged_figures
+    for v in judged:
         if not v.ok:
             raise ExportError(f"onnx export at {out} fails its parity check (prefill 6 + decode 7 tokens): "
                               f"{v.message}")
-    layers, logits = verdicts
     return {"max_abs_logit_diff": logits.deviation, "tolerance": logits.tolerance, "noise_floor": logits.floor,
-            "floor_kind": kind, "arithmetic": arith.describe(),
+            "figure": logits.figure, "judged": logits in judged, "floor_kind": kind, "arithmetic": arith.describe(),
             "layers": {"deviation": layers.deviation, "tolerance": layers.tolerance, "where": layers.where.strip()}}
 
 

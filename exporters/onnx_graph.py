@@ -28,6 +28,7 @@ from flatllm_export.modeling.streaming import layers_of
 from flatllm_export.quantize.gptq import QuantizedWeight
 from flatllm_export.quantize.qlinear import QuantLinear
 
+from . import DEFAULT_ACCURACY_LEVEL
 from .onnx_ops import (FusedNorm, MatMulNBitsLinear, QuantEmbedding, RotaryCache, attention,
                        concat_quantized, gqa_lengths, group_query_attention, pad_last, reshape_bt)
 
@@ -36,7 +37,7 @@ from .onnx_ops import (FusedNorm, MatMulNBitsLinear, QuantEmbedding, RotaryCache
 @dataclass
 class GraphOptions:
     dtype: torch.dtype = torch.float32
-    accuracy_level: int = 0
+    accuracy_level: int = DEFAULT_ACCURACY_LEVEL
     embedding: str = "float"  # float | int8 | int4 (symmetric RTN, GatherBlockQuantized)
     lm_head: str = "float"  # float | int8 | int4 (MatMulNBits; a GPTQ-quantized lm_head is written as it is)
     block_size: int = 32  # block of the RTN-quantized embedding / lm_head

@@ -12,19 +12,34 @@ from .runtime.ort import META_FILE, OrtDecoder, pick_next
 from .stages import finished_folder
 
 
+def available(folder: Path) -> dict[str, Path]:
+    """The runtimes ``folder`` (a run's output folder, or one export folder) can be generated with, and the export
+    folder each reads, in the order ``--runtime auto`` prefers them."""
+    found = {}
+    for sub in (folder, folder / "onnx"):
+        if (sub / META_FILE).exists():
+            found = {"onnxruntime": sub, "onnxruntime-genai": sub}
+            break
+    for sub in (folder, folder / "gptq", folder / "hf"):
+        if (sub / "config.json").exists():
+            found["torch"] = sub
+            break
+    return found
+
+
 def resolve(folder: str | Path, runtime: str) -> tuple[str, Path]:
+    """(runtime, export folder) for ``--runtime``; a runtime the folder has no export for is refused by name."""
     folder = finished_folder(folder, "a run's output folder or an export folder")
-    onnx_kind = "onnxruntime-genai" if runtime == "onnxruntime-genai" else "onnxruntime"
-    if (folder / META_FILE).exists():
-        return onnx_kind, folder
-    if (folder / "config.json").exists():
-        return "torch", folder
-    if runtime in ("auto", "onnxruntime", "onnxruntime-genai") and (folder / "onnx" / META_FILE).exists():
-        return onnx_kind, folder / "onnx"
-    for sub in ("gptq", "hf"):
-        if runtime in ("auto", "torch") and (folder / sub / "config.json").exists():
-            return "torch", folder / sub
-    raise FileNotFoundError(f"{folder} holds no export for runtime '{runtime}' (looked for onnx/, gptq/, hf/)")
+    found = available(folder)
+    if not found:
+        raise FileNotFoundError(f"{folder} holds no export (looked for {META_FILE} or config.json in it and in onnx/, "
+                                "gptq/, hf/): give a run's output folder or an export folder")
+    if runtime == "auto":
+        return next(iter(found.items()))
+    if runtime not in found:
+        raise FileNotFoundError(f"{folder} has no export for --runtime {runtime}: it can run with "
+                                f"{', '.join(found)} (or --runtime auto)")
+    return runtime, found[runtime]
 
 
 def generate_text(folder, prompt: str, runtime: str = "auto", max_new_tokens: int = 64, sample: bool = False,

@@ -13,11 +13,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from . import data
-from .compress.flatllm import OPTION_KEYS, resolve_options
+from .compress.flatllm import DEFAULT_VARIANT, OPTION_KEYS, resolve_options
 from .modeling.gguf_import import inspect_gguf
 from .lmeval import DEFAULT_TASK_TOLERANCE
 from .modeling.loading import DTYPES, SHORT_NAMES, check_model_folder
 from .parity import DEFAULT_K
+
+from exporters import DEFAULT_ACCURACY_LEVEL  # noqa: E402  (the exporters' package: no target imported)
 
 
 class RecipeError(ValueError):
@@ -163,7 +165,7 @@ class CompressionSection(Strict):
     qk: bool = False
     round_to: Literal[1, 2, 4, 8, 16, 32, 64, 128] = 1
     # FLAT-LLM options (README: FLAT-LLM ablations); None = the variant's value
-    variant: Literal["paper", "ablation"] = Field("ablation", description="FLAT-LLM: 'paper' = the official code's "
+    variant: Literal["paper", "ablation"] = Field(DEFAULT_VARIANT, description="FLAT-LLM: 'paper' = the official code's "
                                                  "behaviour; 'ablation' = the changes that paid alone in bench_ablation, combined (the default: SmolLM2-135M test ppl 50.1 vs 65.8 at 30%, 68.1 vs 103.1 at 50%)")
     vo_basis: Optional[Literal["values", "attention", "weighted"]] = None
     o_proj: Optional[Literal["fold", "lstsq"]] = None
@@ -212,9 +214,9 @@ class ExportSection(Strict):
     targets: list[str] = Field(default_factory=lambda: ["hf"])
     dtype: Literal["float32", "float16"] = "float32"
     accuracy_level: Literal[0, 1, 2, 3, 4] = Field(
-        4, description="MatMulNBits accuracy_level of int4 ONNX: 4 = int8 activations (measured on SmolLM2: "
-                       "1.3-1.5x the decode speed of 0 for +0.5% ppl; validation then uses the int8 floor), 0 = "
-                       "float32 activations (the exact twin of the PyTorch GPTQ model)")
+        DEFAULT_ACCURACY_LEVEL, description="MatMulNBits accuracy_level of int4 ONNX: 4 = int8 activations "
+        "(measured on SmolLM2: 1.3-1.5x the decode speed of 0 for +0.4% ppl; validation models them, see "
+        "docs/parity.md), 0 = float32 activations (the exact twin of the PyTorch GPTQ model)")
     embedding: Literal["auto", "float", "int8", "int4"] = Field(
         "auto", description="ONNX embedding table: float, or block-quantized (GatherBlockQuantized, symmetric RTN; "
                             "a tied table is read from the lm_head's data); auto: a tied table read from a quantized lm_head, else float")

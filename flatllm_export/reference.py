@@ -15,7 +15,7 @@ import copy
 import torch
 from torch import nn
 
-from .calibration import layer0_inputs, run_layers
+from .calibration import run_layers
 from .emulation import Arithmetic, exported_tables, emulated_layer
 from .modeling.streaming import layers_of
 from .quantize.qlinear import QuantLinear
@@ -78,6 +78,16 @@ def rotary64(config, rotary: nn.Module, seqlen: int, batch: int) -> tuple[torch.
             (emb.sin() * factor)[None].expand(batch, -1, -1).contiguous())
 
 
+@torch.no_grad()
+def embeddings(model, ids: torch.Tensor, arith: Arithmetic, dtype: torch.dtype, batch_size: int = 8) -> torch.Tensor:
+    """The embeddings (n, T, hidden) of ``ids`` in ``dtype`` from the table the export stores: the model's own
+    (looked up in its dtype: a lookup is exact) or block-quantized (exact in float32 and float64)."""
+    if arith.embedding == "float":
+        table = model.model.embed_tokens
+        return torch.cat([table(b.to(table.weight.device)).cpu() for b in ids.split(batch_size)]).to(dtype)
+    return exported_tables(model, arith, dtype)[0](ids)
+
+
 def _layer_device(model) -> torch.device | str:
     device = next(model.model.layers[0].parameters()).device
     return "cpu" if device.type == "meta" else device  # a streamed model's layers are read onto the host
@@ -88,10 +98,7 @@ def float64_hidden(model, ids: torch.Tensor, batch_size: int = 8, arith: Arithme
     """The final-norm hidden states (n, T, hidden) of token windows ids (n, T), in float64, on the host, of the
     model computing ``arith`` (an export's approximations; default: none)."""
     core = model.model
-    if arith.embedding == "float":
-        emb, _, _ = layer0_inputs(model, ids, batch_size)
-    else:  # the table as the export stores it (block-quantized values are exact in float64)
-        emb = exported_tables(model, arith, torch.float64)[0](ids)
+    emb = embeddings(model, ids, arith, torch.float64, batch_size)
     cos, sin = rotary64(model.config, core.rotary_emb, ids.shape[1], min(batch_size, ids.shape[0]))
     hidden = run_layers(layers_of(model), emb.to(torch.float64), cos, sin, None, _layer_device(model), batch_size,
                         desc="float64 reference", working_copy=lambda layer: float64_layer(layer, arith))
@@ -126,12 +133,13 @@ def float64_logits_fn(model, batch_size: int = 8, arith: Arithmetic = EXACT):
 
 @torch.no_grad()
 def emulated_logits(model, ids: torch.Tensor, arith: Arithmetic, dtype: torch.dtype = torch.float32,
-                    batch_size: int = 8) -> torch.Tensor:
+                    batch_size: int = 8, perturb: int | None = None) -> torch.Tensor:
     """Logits (n, T, vocab), float32, of the model computing ``arith`` in PyTorch at precision ``dtype``, layer by
-    layer: PyTorch's own noise floor for an export with these approximations."""
+    layer: PyTorch's own noise floor for an export with these approximations. ``perturb``: the seed of a move of
+    the embeddings by about one ulp (``perturbed``), for the floors of a discontinuous arithmetic."""
     core = model.model
-    embed, head = exported_tables(model, arith, dtype)
-    emb = torch.cat([embed(b.cpu()) for b in ids.split(batch_size)])
+    head = exported_tables(model, arith, dtype)[1]
+    emb = perturbed(embeddings(model, ids, arith, torch.float64, batch_size), dtype, perturb)
     positions = torch.arange(ids.shape[1]).unsqueeze(0).expand(min(batch_size, ids.shape[0]), -1)
     cos, sin = core.rotary_emb(emb[:1].float().to(core.rotary_emb.inv_freq.device), positions)
     hidden = run_layers(layers_of(model), emb, cos.cpu().to(dtype), sin.cpu().to(dtype), None, _layer_device(model),
@@ -142,8 +150,31 @@ def emulated_logits(model, ids: torch.Tensor, arith: Arithmetic, dtype: torch.dt
     return torch.cat([head.cpu().to(dtype)(norm(h)).float() for h in hidden.split(batch_size)])
 
 
-def emulated_logits_fn(model, arith: Arithmetic, dtype: torch.dtype = torch.float32, batch_size: int = 8):
-    return lambda ids: emulated_logits(model, ids, arith, dtype, batch_size)
+def emulated_logits_fn(model, arith: Arithmetic, dtype: torch.dtype = torch.float32, batch_size: int = 8,
+                       perturb: int | None = None):
+    return lambda ids: emulated_logits(model, ids, arith, dtype, batch_size, perturb)
+
+
+PERTURBED_RUNS = 4  # PyTorch runs on inputs moved by about one ulp, for an arithmetic with rounding of its own
+
+
+def floor_perturbations(arith: Arithmetic) -> list[int | None]:
+    """The runs PyTorch's floor of ``arith`` is the largest of: its own inputs (None), and, for an arithmetic that
+    quantizes activations, ``PERTURBED_RUNS`` seeds of inputs moved by about one ulp. Such an arithmetic is
+    discontinuous: where a value sits within noise of a rounding tie, any fp32 run may round it either way, and
+    through attention one such jump reaches every later row (end to end, the jumps compound over layers). One
+    PyTorch run may happen to round every tie as float64 does while the runtime does not; the perturbed runs
+    sample the jumps fp32 noise can cause."""
+    return [None] + (list(range(PERTURBED_RUNS)) if arith.activations else [])
+
+
+def perturbed(x: torch.Tensor, dtype: torch.dtype, seed: int | None) -> torch.Tensor:
+    """``x`` in ``dtype``, moved by about one ulp of ``dtype`` (relative Gaussian noise of seed ``seed``), or as it
+    is for seed None."""
+    if seed is None:
+        return x.to(dtype)
+    g = torch.Generator().manual_seed(seed)
+    return (x * (1 + torch.finfo(dtype).eps * torch.randn(x.shape, generator=g, dtype=x.dtype))).to(dtype)
 
 
 def with_dtype(model, dtype: torch.dtype):
@@ -153,7 +184,7 @@ def with_dtype(model, dtype: torch.dtype):
 
 
 @torch.no_grad()
-def layer_deviations(model, streams: list, logits, prefill: int, arith: Arithmetic = EXACT,
+def layer_deviations(model, ids, streams: list, logits, prefill: int, arith: Arithmetic = EXACT,
                      dtype: torch.dtype = torch.float32) -> list[dict]:
     """Layer by layer on a runtime's own residual streams (``streams[i]`` entering decoder layer i, float64 arrays
     (B, T, hidden), the last one leaving the last layer; the first ``prefill`` positions computed at once, the
@@ -173,7 +204,9 @@ def layer_deviations(model, streams: list, logits, prefill: int, arith: Arithmet
     probe = torch.zeros(1, dtype=torch.float32, device=model.model.rotary_emb.inv_freq.device)
     cos, sin = (t.cpu().to(dtype) for t in model.model.rotary_emb(probe, positions))
     parts = {"prefill": slice(0, prefill), "decode": slice(prefill, seqlen)}
-    out = []
+    ids = torch.as_tensor(ids)
+    out = [_row_stats("embedding", torch.from_numpy(streams[0]), [embeddings(model, ids, arith, dtype)],
+                      embeddings(model, ids, arith, torch.float64), parts)]  # a lookup: exact in any precision
     for i in range(len(store)):
         layer = store.load(i)
         x = torch.from_numpy(streams[i])
@@ -193,23 +226,9 @@ def layer_deviations(model, streams: list, logits, prefill: int, arith: Arithmet
     return out
 
 
-PERTURBED_RUNS = 4  # PyTorch runs on inputs moved by about one ulp, for an arithmetic with rounding of its own
-
-
 def _floor_inputs(x: torch.Tensor, arith: Arithmetic, dtype: torch.dtype) -> list[torch.Tensor]:
-    """The inputs PyTorch's floor is measured on: the runtime's own, and, for an arithmetic that quantizes
-    activations, ``PERTURBED_RUNS`` copies moved by about one ulp of ``dtype``. Such an arithmetic is
-    discontinuous: where a value sits within noise of a rounding tie, any fp32 run may round it either way, and
-    through attention one such jump reaches every later row. One PyTorch run may happen to round every tie as
-    float64 does while the runtime does not; the perturbed runs sample the jumps fp32 noise can cause, and the
-    floor is the largest of them."""
-    low = x.to(dtype)
-    if not arith.activations:
-        return [low]
-    g = torch.Generator().manual_seed(0)
-    eps = torch.finfo(dtype).eps
-    return [low] + [(x * (1 + eps * torch.randn(x.shape, generator=g, dtype=x.dtype))).to(dtype)
-                    for _ in range(PERTURBED_RUNS)]
+    """The inputs PyTorch's layer floor is measured on (``floor_perturbations``)."""
+    return [perturbed(x, dtype, seed) for seed in floor_perturbations(arith)]
 
 
 def _row_stats(layer, got: torch.Tensor, lows: list[torch.Tensor], ref: torch.Tensor, parts: dict) -> dict:

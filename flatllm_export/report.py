@@ -98,8 +98,8 @@ def tasks_markdown(tasks: dict) -> str:
 
 
 def validation_markdown(v: dict) -> str:
-    cols = ["dataset", "runtime", "ppl", "ppl_increase", "logit_dev_f64", "logit_tol", "ppl_dev_f64", "ppl_tol",
-            "layers", "greedy", "floor", "note", "ok"]
+    cols = ["dataset", "runtime", "ppl", "ppl_increase", "logit_dev_f64", "logit_tol", "logit_rows_f64",
+            "logit_rows_tol", "ppl_dev_f64", "ppl_tol", "layers", "greedy", "floor", "note", "ok"]
     if any("acc" in r for r in v["rows"]):  # task rows (lm-eval): accuracy, and the items scored differently
         cols[-3:-3] = ["acc", "acc_norm", "items", "acc_diff", "acc_tol", "items_differ"]
     s = v["sample"]
@@ -112,13 +112,22 @@ def validation_markdown(v: dict) -> str:
              "precision, and the approximations the export makes by design, emulated); the floor is PyTorch's "
              "deviation from float64 at that precision (the `torch` row: shown, not judged). `layers`: each decoder "
              "layer and the head on the runtime's own inputs (median over token rows of each row's largest "
-             "deviation; prefill and decode rows apart), tolerance from PyTorch on the same inputs. `*_dev_f64` and "
-             "`*_tol` are on the sample."
+             "deviation; prefill and decode rows apart), tolerance from PyTorch on the same inputs. `logit_rows`: the "
+             "same median end to end. With int8 activations the arithmetic is discontinuous (a rounding jump moves a "
+             "maximum, a perplexity or a greedy token), so those figures are `reported` and the verdict rests on "
+             "`layers`, or `logit_rows` for a runtime that cannot show its layers (docs/parity.md). `*_dev_f64` "
+             "and `*_tol` are on the sample."
              + ("" if "task_tolerance" not in v else " Task rows (lm-eval): an fp32 runtime of the exact arithmetic "
                 "must score every item as torch does (`acc_tol` 0); others may differ in accuracy by `acc_tol` = "
                 f"{v['task_tolerance']:g}; `items_differ` lists the doc ids scored differently from torch."), "",
              _table(v["rows"], cols), "", f"- noise floors: {floors}",
              f"- float64 reference: {v['float64_seconds']} s of the validation's {v['seconds']} s", ""]
+    for rt, layer_rows in (v.get("layers") or {}).items():
+        table = [{"layer": r["layer"], **{f"{p} {what}": r[p][key] for p in ("prefill", "decode") if p in r
+                                          for what, key in (("deviation", "deviation"), ("floor", "floor"))},
+                  "max deviation": r["max_deviation"]} for r in layer_rows]
+        lines += [f"<details><summary>{rt}, layer by layer on its own inputs (median row deviation from float64 "
+                  "and PyTorch's floor)</summary>", "", _table(table, list(table[0])), "", "</details>", ""]
     cost = v.get("accuracy_cost") or []
     lines += ["### Accuracy cost: what the export's approximations cost against the PyTorch model", "",
               "`ppl_increase` in the table above: each runtime's perplexity over all evaluation windows relative to "

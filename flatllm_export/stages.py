@@ -24,7 +24,8 @@ def _rss_bytes() -> int:
     except OSError:  # not Linux: fall back to the lifetime peak
         import resource
 
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
 
 
 def _libc():

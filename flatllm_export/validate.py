@@ -22,7 +22,7 @@ from .emulation import Arithmetic
 from .parity import (DTYPE_OF_KIND, KIND_OF_DTYPE, SampleStats, floors_from, greedy_divergence, judge, judge_layers,
                      onnx_floor_kind)
 from .reference import (EXACT, emulated_logits_fn, float64_hidden, float64_logits, float64_project,
-                        layer_deviations, with_dtype)
+                        floor_perturbations, layer_deviations, with_dtype)
 
 PROMPT_TOKENS = 16
 
@@ -53,9 +53,10 @@ class Runtime:
     (``OrtDecoder.layer_streams``) for the layer-by-layer figure."""
 
     def __init__(self, name: str, logits_fn, generate_fn, floor_kind: str = "fp32", note: str = "",
-                 arith: Arithmetic = EXACT, streams_fn=None):
+                 arith: Arithmetic = EXACT, streams_fn=None, sample_only: bool = False):
         self.name, self.logits_fn, self.generate_fn = name, logits_fn, generate_fn
         self.floor_kind, self.note, self.arith, self.streams_fn = floor_kind, note, arith, streams_fn
+        self.sample_only = sample_only  # a floor run measured on the parity sample only
 
     @property
     def key(self) -> tuple:
@@ -122,14 +123,18 @@ def _greedy_label(g: dict, agree: int, compared: int) -> str:
             f"{g['max_margin']:.2g} at step {g['worst']}; {agree}/{compared} = torch")
 
 
-def _floor_runtime(model, reference: Runtime, arith: Arithmetic, kind: str) -> Runtime:
-    """PyTorch computing ``arith`` at precision ``kind``: the noise floor of every runtime with that key."""
+def _floor_runtimes(model, reference: Runtime, arith: Arithmetic, kind: str) -> list[Runtime]:
+    """PyTorch computing ``arith`` at precision ``kind``: the noise floor of every runtime with that key. An
+    arithmetic that quantizes activations gets the largest of several runs (``reference.floor_perturbations``):
+    the first on its own inputs, the others on slightly moved ones (those only on the sample)."""
     if arith.exact and kind == reference.floor_kind:
-        return reference
+        return [reference]
     if arith.exact:
-        return torch_runtime(f"torch {kind}", with_dtype(model, DTYPE_OF_KIND[kind]), "noise floor")
-    return Runtime(f"torch {kind} emulating {arith.runtime}", emulated_logits_fn(model, arith, DTYPE_OF_KIND[kind]),
-                   None, kind, f"noise floor: {arith.describe()}", arith)
+        return [torch_runtime(f"torch {kind}", with_dtype(model, DTYPE_OF_KIND[kind]), "noise floor")]
+    return [Runtime(f"torch {kind} emulating {arith.runtime}" + ("" if seed is None else f" (moved {seed})"),
+                    emulated_logits_fn(model, arith, DTYPE_OF_KIND[kind], perturb=seed), None, kind,
+                    f"noise floor: {arith.describe()}" + ("" if seed is None else "; inputs moved by ~1 ulp"),
+                    arith, sample_only=seed is not None) for seed in floor_perturbations(arith)]
 
 
 def parity(model, others: list[Runtime], windows: dict[str, torch.Tensor], settings, batch_size: int = 8,
@@ -147,8 +152,8 @@ def parity(model, others: list[Runtime], windows: dict[str, torch.Tensor], setti
     start = time.perf_counter()
     reference = torch_runtime("torch", model, note)
     keys = list(dict.fromkeys([reference.key] + [rt.key for rt in others]))
-    floors_rt = {key: _floor_runtime(model, reference, *key) for key in keys}
-    extra = [rt for rt in floors_rt.values() if rt is not reference]
+    floors_rt = {key: _floor_runtimes(model, reference, *key) for key in keys}
+    extra = [rt for rts in floors_rt.values() for rt in rts if rt is not reference]
     judged = [reference, *others]
     clock = _Clock()
     first_name = next(iter(windows))
@@ -168,6 +173,8 @@ def parity(model, others: list[Runtime], windows: dict[str, torch.Tensor], setti
             truth = ({a: clock(float64_project, model, hidden64[a][i : i + 1], a) for a in ariths}
                      if name == first_name and i < n_sample else None)
             for rt in judged + extra:
+                if rt.sample_only and truth is None:
+                    continue
                 logits = rt.logits_fn(chunk)
                 nll[rt.name] += nll_sum(logits, chunk)
                 if truth is not None:
@@ -175,7 +182,9 @@ def parity(model, others: list[Runtime], windows: dict[str, torch.Tensor], setti
         tokens = win.numel() - win.shape[0]
         ppl[name] = {n: float(np.exp(v / tokens)) for n, v in nll.items()}
 
-    floors = floors_from({_key_label(key): stats[rt.name] for key, rt in floors_rt.items()})
+    floors = {label: {fig: max(f[fig] for f in fl) for fig in fl[0]}
+              for label, fl in ((_key_label(key), list(floors_from({rt.name: stats[rt.name] for rt in rts}).values()))
+                                for key, rts in floors_rt.items())}
     prompt = windows[first_name][:1, :PROMPT_TOKENS]
     gens = {rt.name: torch.from_numpy(np.asarray(rt.generate_fn(prompt, settings.generate_tokens))) for rt in judged}
     new_ref = gens[reference.name][0, prompt.shape[1]:]
@@ -189,42 +198,54 @@ def parity(model, others: list[Runtime], windows: dict[str, torch.Tensor], setti
         compared = min(len(new), len(new_ref))
         agree = int(torch.cumprod((new[:compared] == new_ref[:compared]).long(), 0).sum())
         where = f" at step {g['worst']}" if g["worst"] is not None else ""
-        v = [judge(rt.name, "logits", s.max_dev, f["logits"], rt.floor_kind, k, s.scale),
-             judge(rt.name, "ppl", s.ppl_dev, f["ppl"], rt.floor_kind, k, s.nll64 / max(s.tokens, 1)),
-             judge(rt.name, "greedy", g["max_margin"], f["logits"], rt.floor_kind, k, g["scale"], where)]
+        figures = {"logits": judge(rt.name, "logits", s.max_dev, f["logits"], rt.floor_kind, k, s.scale),
+                   "ppl": judge(rt.name, "ppl", s.ppl_dev, f["ppl"], rt.floor_kind, k, s.nll64 / max(s.tokens, 1)),
+                   "greedy": judge(rt.name, "greedy", g["max_margin"], f["logits"], rt.floor_kind, k, g["scale"],
+                                   where)}
+        if rt.arith.activations:  # discontinuous: one rounding jump moves a max, a sum or a token (see parity.py)
+            figures["logits_rows"] = judge(rt.name, "logits_rows", s.row_median, f["logits_rows"], rt.floor_kind, k,
+                                           s.scale)
         if rt.streams_fn is not None:  # layer by layer on the runtime's own inputs: half prefill, half decode
             prefill = max(1, sample.shape[1] // 2)
             streams, got = rt.streams_fn(sample, prefill)
-            layer_rows[rt.name] = clock(layer_deviations, model, streams, got, prefill, rt.arith,
+            layer_rows[rt.name] = clock(layer_deviations, model, sample, streams, got, prefill, rt.arith,
                                         DTYPE_OF_KIND[rt.floor_kind])
-            v.append(judge_layers(rt.name, layer_rows[rt.name], rt.floor_kind, k))
+            figures["layers"] = judge_layers(rt.name, layer_rows[rt.name], rt.floor_kind, k)
+        judged_here = [x for name, x in figures.items() if name in judged_figures(rt.arith, "layers" in figures)]
         if rt is not reference:  # the in-memory model is the floor of the exact arithmetic: shown, not judged
-            verdicts[rt.name] = [x.as_dict() for x in v]
-            failures += [x.message for x in v if not x.ok]
+            verdicts[rt.name] = [{**x.as_dict(), "judged": x in judged_here} for x in figures.values()]
+            failures += [x.message for x in judged_here if not x.ok]
         stopped = f"; stopped after {len(new)} of {settings.generate_tokens} tokens" \
             if len(new) < settings.generate_tokens else ""
+
+        def tol(fig):
+            x = figures.get(fig)
+            return None if x is None or rt is reference else (x.tolerance if x in judged_here else "reported")
+
         for name in windows:
             first = name == first_name
+            lay = figures.get("layers")
             rows.append({"dataset": name, "runtime": rt.name, "ppl": ppl[name][rt.name],
                          "ppl_increase": ppl[name][rt.name] / ppl[name][reference.name] - 1,
-                         "logit_dev_f64": s.max_dev if first else None,
-                         "logit_tol": v[0].tolerance if first and rt is not reference else None,
-                         "ppl_dev_f64": s.ppl_dev if first else None,
-                         "ppl_tol": v[1].tolerance if first and rt is not reference else None,
-                         "layers": (f"{v[3].deviation:.2g} <= {v[3].tolerance:.2g}{v[3].where}"
-                                    if first and len(v) > 3 else None),
+                         "logit_dev_f64": s.max_dev if first else None, "logit_tol": tol("logits") if first else None,
+                         "logit_rows_f64": s.row_median if first and "logits_rows" in figures else None,
+                         "logit_rows_tol": tol("logits_rows") if first else None,
+                         "ppl_dev_f64": s.ppl_dev if first else None, "ppl_tol": tol("ppl") if first else None,
+                         "layers": f"{lay.deviation:.2g} <= {lay.tolerance:.2g}{lay.where}" if first and lay else None,
                          "greedy": _greedy_label(g, agree, compared) + stopped if first else None,
                          "floor": _key_label(rt.key), "note": rt.note,
-                         "ok": (all(x.ok for x in v) if rt is not reference else "floor") if first else None})
+                         "ok": (all(x.ok for x in judged_here) if rt is not reference else "floor") if first else None})
     for rt in extra:
         s = stats[rt.name]
-        rows.append({"dataset": first_name, "runtime": rt.name, "ppl": ppl[first_name][rt.name],
+        rows.append({"dataset": first_name, "runtime": rt.name,
+                     "ppl": None if rt.sample_only else ppl[first_name][rt.name],
                      "logit_dev_f64": s.max_dev, "ppl_dev_f64": s.ppl_dev, "floor": _key_label(rt.key),
                      "note": rt.note, "ok": "floor"})
     s_ref = stats[reference.name]
     rows.append({"dataset": first_name, "runtime": "float64 reference", "ppl": None, "logit_dev_f64": 0.0,
                  "ppl_dev_f64": 0.0, "note": f"sample ppl {s_ref.ppl64:.6g} over {n_sample} windows"})
-    known = {rt.arith: ppl[first_name][rt.name] for rt in extra if rt.floor_kind == "fp32"}
+    known = {rt.arith: ppl[first_name][rt.name] for rt in extra
+             if rt.floor_kind == "fp32" and not rt.sample_only}
     cost = accuracy_cost(model, [rt for rt in others if not rt.arith.exact], windows[first_name],
                          ppl[first_name], reference.name, batch_size, known)
     budget = getattr(settings, "max_ppl_increase", None)
@@ -242,6 +263,18 @@ def parity(model, others: list[Runtime], windows: dict[str, torch.Tensor], setti
                        "ppl_float64": s_ref.ppl64, "prompt_tokens": int(prompt.shape[1]),
                        "generate_tokens": settings.generate_tokens},
             "float64_seconds": round(clock.seconds, 2), "seconds": round(time.perf_counter() - start, 2)}
+
+
+def judged_figures(arith: Arithmetic, layers: bool) -> set[str]:
+    """The figures that decide a runtime's verdict (``layers``: the runtime shows its values between layers). An
+    arithmetic that quantizes activations is discontinuous: one rounding jump that no PyTorch run happens to
+    make moves a maximum, a perplexity or a greedy token, and through attention and the layers after it, every
+    later row of its sequence. End to end, those figures are reported beside their floors; the verdict rests on
+    the layer-by-layer figure, where nothing compounds, or, for a runtime that cannot show its layers, on the
+    end-to-end row median. Exact arithmetic: every figure."""
+    if arith.activations:
+        return {"layers"} if layers else {"logits_rows"}
+    return {"logits", "ppl", "greedy", "layers"}
 
 
 def _key_label(key: tuple) -> str:

@@ -37,11 +37,14 @@ def check(res, kind="fp32"):
     rows = {r["runtime"]: r for r in res["rows"]}
     ort = rows["onnxruntime"]
     assert ort["floor"] == kind and ort["ok"]
+    if "int8" in kind:  # discontinuous arithmetic: judged by row medians (end to end and layer by layer)
+        assert ort["logit_tol"] == ort["logit_rows_tol"] == "reported" and "<=" in ort["layers"]
+        floor = rows["torch fp32 emulating onnxruntime"]  # PyTorch computing the same arithmetic, all windows
+        assert abs(ort["ppl"] / floor["ppl"] - 1) < 2e-3 and abs(ort["ppl_increase"]) < 5e-2
+        return
     assert ort["logit_dev_f64"] <= ort["logit_tol"] and ort["ppl_dev_f64"] <= ort["ppl_tol"]
-    floor = rows.get(f"torch {kind} emulating onnxruntime", rows["torch"])  # PyTorch computing the same
-    if kind == "fp32":  # fp32 onnxruntime sits at PyTorch's own distance from float64 (of the same arithmetic)
-        assert ort["logit_dev_f64"] <= 4 * floor["logit_dev_f64"]
-        assert abs(ort["ppl"] / floor["ppl"] - 1) < 1e-4
+    if kind == "fp32":  # fp32 onnxruntime sits at PyTorch's own distance from float64
+        assert ort["logit_dev_f64"] <= 4 * rows["torch"]["logit_dev_f64"] and abs(ort["ppl_increase"]) < 1e-5
     else:
         assert abs(ort["ppl_increase"]) < 5e-3
 
@@ -117,6 +120,11 @@ def test_full_recipe_generate_and_validate_commands(tmp_path):
     gen_torch = cli("generate", str(out), "--prompt", "ROMEO:", "--max-new-tokens", "20", "--runtime", "torch")
     assert gen_onnx.returncode == 0 and gen_onnx.stdout.startswith("ROMEO:") and len(gen_onnx.stdout) > 20
     assert gen_onnx.stdout == gen_torch.stdout  # greedy: same text from onnxruntime and the GPTQ checkpoint
+    for folder, runtime, has in ((out / "onnx", "torch", "onnxruntime, onnxruntime-genai"),
+                                 (out / "hf", "onnxruntime", "torch")):  # never another runtime in silence
+        wrong = cli("generate", str(folder), "--prompt", "ROMEO:", "--runtime", runtime)
+        assert wrong.returncode == 2 and f"has no export for --runtime {runtime}: it can run with {has}" \
+            in wrong.stderr, wrong.stderr
     val = cli("validate", str(out))
     assert val.returncode == 0 and "PASS" in val.stdout and (out / "validation.json").exists()
 

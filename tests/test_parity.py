@@ -8,6 +8,9 @@ import torch
 from transformers.models.llama import modeling_llama
 
 from flatllm_export import reference
+from flatllm_export.emulation import Arithmetic, mlas_int8
+from flatllm_export.quantize.gptq import quantize_rtn
+from flatllm_export.quantize.qlinear import QuantLinear
 from flatllm_export.modeling import load_model
 from flatllm_export.parity import greedy_divergence, judge, onnx_floor_kind
 from flatllm_export.quantize import quantize_model
@@ -48,8 +51,8 @@ def test_float64_reference_holds_one_float64_layer_at_a_time(quantized_tiny, mon
     alive, most = weakref.WeakSet(), []
     make = reference.float64_layer
 
-    def tracked(layer):
-        copy_ = make(layer)
+    def tracked(layer, *args):
+        copy_ = make(layer, *args)
         alive.add(copy_)
         most.append(len(alive))
         return copy_
@@ -102,3 +105,74 @@ def test_recipe_refuses_the_removed_fixed_tolerances_and_a_k_below_one():
     with pytest.raises(RecipeError, match="validation.noise_k"):
         parse_recipe({**base, "validation": {"noise_k": 0.5}})
     assert parse_recipe({**base, "validation": {"noise_k": 8, "runtimes": ["torch"]}}).validation.noise_k == 8
+
+
+def test_emulated_reference_is_the_whole_model_in_float64_with_quantized_inputs(quantized_tiny, monkeypatch):
+    """float64 reference of an arithmetic with int8 activations and an int8 embedding == the whole model in
+    float64 whose every quantized linear first quantizes its input as MLAS does, and whose embedding is the
+    round-to-nearest table."""
+    model = quantized_tiny
+    arith = Arithmetic(activations="mlas-int8", embedding="int8", block_size=32)
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(2))
+    got = reference.float64_logits(model, ids, batch_size=2, arith=arith)
+    whole = reference.with_dtype(model, torch.float64)
+    table = quantize_rtn(model.model.embed_tokens.weight.detach().float(), 8, 32).dequantize(torch.float32)
+    whole.model.embed_tokens.weight.data = table.double()
+    for m in whole.modules():
+        if isinstance(m, QuantLinear):
+            m.register_forward_pre_hook(lambda mod, args: (mlas_int8(args[0], mod.group_size),))
+    monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", rmsnorm_in_own_dtype)
+    monkeypatch.setattr(whole.model.rotary_emb, "forward",
+                        lambda x, pos: reference.rotary64(model.config, None, pos.shape[1], pos.shape[0]))
+    with torch.no_grad():
+        want = whole(ids, use_cache=False).logits
+    assert torch.equal(got, want)
+    exact = reference.float64_logits(model, ids, batch_size=2)
+    assert (exact - got).abs().max() > 1e-3  # the emulation is not the exact model
+    floor = reference.emulated_logits(model, ids, arith).double()  # PyTorch fp32 of the same arithmetic
+    assert 0 < (floor - got).abs().max() < (exact - got).abs().max()
+
+
+def test_a_runtime_that_stops_early_at_eos_is_compared_as_far_as_it_went(quantized_tiny):
+    from flatllm_export.recipe import ValidationSection
+    from flatllm_export.validate import parity, torch_runtime
+
+    model = quantized_tiny
+    full = torch_runtime("stops early", model, "")
+    full.generate_fn = (lambda gen: lambda ids, n: gen(ids, n)[:, : ids.shape[1] + 5])(full.generate_fn)
+    windows = {"test": torch.randint(0, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(3))}
+    res = parity(model, [full], windows, ValidationSection(generate_tokens=12))
+    row = next(r for r in res["rows"] if r["runtime"] == "stops early" and r["greedy"])
+    assert "5/5 = torch" in row["greedy"] and "stopped after 5 of 12 tokens" in row["greedy"], row
+    assert res["passed"], res["failures"]
+
+
+def test_accuracy_budget_fails_the_validation_and_names_the_figures(quantized_tiny):
+    from flatllm_export.recipe import ValidationSection
+    from flatllm_export.validate import Runtime, parity, torch_runtime
+
+    model = quantized_tiny
+    windows = {"test": torch.randint(0, model.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(3))}
+    same = torch_runtime("copy", model, "")
+    def noisy(ids):  # logits with noise on top: a higher perplexity
+        g = torch.Generator().manual_seed(0)
+        logits = same.logits_fn(ids)
+        return logits + 5 * torch.randn(logits.shape, generator=g)
+
+    worse = Runtime("worse", noisy, same.generate_fn)
+    res = parity(model, [same], windows, ValidationSection(generate_tokens=4, max_ppl_increase=0.01))
+    assert res["passed"] and res["max_ppl_increase"] == 0.01, res["failures"]
+    res = parity(model, [same, worse], windows, ValidationSection(generate_tokens=4, max_ppl_increase=0.01))
+    budget = [m for m in res["failures"] if "max_ppl_increase" in m]
+    assert len(budget) == 1 and budget[0].startswith("worse: accuracy cost on test: ppl ") and "(+1.00%)" in budget[0]
+
+
+def test_recipe_checks_the_accuracy_budget():
+    base = {"model": {"path": "ref-llama"}, "evaluation": {}}
+    for value in (0, -0.1, "a lot"):
+        with pytest.raises(RecipeError, match="validation.max_ppl_increase"):
+            parse_recipe({**base, "validation": {"max_ppl_increase": value}})
+    with pytest.raises(RecipeError, match="validation.max_ppl_increase .* needs an evaluation section"):
+        parse_recipe({"model": {"path": "ref-llama"}, "validation": {"max_ppl_increase": 0.02, "runtimes": ["torch"]}})
+    good = {"max_ppl_increase": 0.02, "runtimes": ["torch"]}
+    assert parse_recipe({**base, "validation": good}).validation.max_ppl_increase == 0.02

@@ -107,11 +107,16 @@ def test_unbroken_export_passes_both_checks(base, tmp_path, level):
     assert rep["arithmetic"] == ("exact" if level == 0 else "mlas-int8 activations, int4 embedding")
     res = parity(model, [onnx_runtime(tmp_path / "onnx")], {"test": test}, SETTINGS)
     assert res["passed"], res["failures"]
-    assert {v["figure"] for v in res["verdicts"]["onnxruntime"]} == {"logits", "ppl", "greedy", "layers"}
+    judged = {v["figure"] for v in res["verdicts"]["onnxruntime"] if v["judged"]}
+    # int8 activations are discontinuous: the verdict rests on row medians, end to end and layer by layer
+    assert judged == ({"logits", "ppl", "greedy", "layers"} if level == 0 else {"layers"})
     assert "torch" not in res["verdicts"]  # the in-memory model is the floor, not a judged runtime
     ort = next(r for r in res["rows"] if r["runtime"] == "onnxruntime")
     floor = res["floors"][ort["floor"]]
-    assert ort["logit_dev_f64"] <= 2 * floor["logits"]  # ~ PyTorch's own distance from the same arithmetic
+    if level == 0:
+        assert ort["logit_dev_f64"] <= 2 * floor["logits"]  # ~ PyTorch's own distance from the same arithmetic
+    else:
+        assert ort["logit_tol"] == "reported" and ort["logit_rows_tol"] == "reported" and ort["ok"]
     if level == 4:  # the approximations and what each costs are reported, beside the runtime's own ppl
         cost = {c["approximation"]: c for c in res["accuracy_cost"]}
         assert set(cost) == {"mlas-int8 activations", "int4 embedding", "all together"}
@@ -135,14 +140,14 @@ def test_broken_onnx_export_is_refused(base, tmp_path, monkeypatch, mutation, le
     assert "onnxruntime: " in str(err.value) and "noise floor" in str(err.value)
     res = parity(model, [onnx_runtime(out)], {"test": test}, SETTINGS)
     assert not res["passed"] and res["failures"]
-    failed = {v["figure"] for v in res["verdicts"]["onnxruntime"] if not v["ok"]}
+    failed = {v["figure"] for v in res["verdicts"]["onnxruntime"] if v["judged"] and not v["ok"]}
     assert all(m.startswith("onnxruntime: ") for m in res["failures"])
     assert "layers" in failed, res["failures"]  # layer by layer, on onnxruntime's own inputs
     where = next(v["where"] for v in res["verdicts"]["onnxruntime"] if v["figure"] == "layers")
     if mutation == "kv_cache":  # prefill is right; only decoding reads the cache
         assert "(decode)" in where, where
     elif mutation == "tied_head":
-        assert "the head" in where, where
+        assert "at head" in where, where
     elif mutation in ("scales", "value_heads"):
         assert f"layer {LAYER} " in where, where
 

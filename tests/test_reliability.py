@@ -351,7 +351,8 @@ FOLDER_CASES = {  # name -> (edit of a finished run folder, commands, message fr
         (d / "recipe.yaml").read_text() + "pruning: {amount: 0.5}\n"), ("validate",),
         ["pruning: unknown key", "written by another version of flatllm-export"]),
     "folder with no export": (lambda d: [shutil.rmtree(d / s) for s in ("onnx", "hf")], ("generate",),
-                              ["holds no export for runtime 'auto' (looked for onnx/, gptq/, hf/)"]),
+                              ["holds no export (looked for flatllm_onnx.json or config.json in it and in onnx/, "
+                               "gptq/, hf/)"]),
 }
 
 

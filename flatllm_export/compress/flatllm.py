@@ -223,9 +223,9 @@ def headwise_lowrank(w: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor
 # ----------------------------------------------------------------------------------------------- options
 @dataclass(frozen=True)
 class FlatLLMOptions:
-    """The choices FLAT-LLM leaves open. ``VARIANTS['paper']`` is the official code's behaviour;
-    ``VARIANTS['ablation']`` combines the changes that paid most alone in scripts/bench_ablation.py (README: FLAT-LLM
-    ablations), measured best on SmolLM2-135M at 30% and 50%: the default."""
+    """The choices FLAT-LLM leaves open. A bare ``FlatLLMOptions()`` is the official code's behaviour
+    (``VARIANTS['paper']``); the library's default is ``VARIANTS[DEFAULT_VARIANT]`` ('ablation': the changes that
+    paid most alone in scripts/bench_ablation.py, measured best on SmolLM2-135M at 30% and 50%)."""
 
     vo_basis: str = "values"      # values: PCA of v_proj outputs | attention: PCA of o_proj's input per head
     #                               (attention-weighted values, pooled over the KV group) | weighted: whitened by
@@ -257,12 +257,13 @@ class FlatLLMOptions:
 OPTION_KEYS = tuple(FlatLLMOptions.__dataclass_fields__)
 # default: each change measured alone on SmolLM2-135M at 30% (validation plays, README: FLAT-LLM ablations);
 # the two that paid most, plus the speed-only statistics settings
+DEFAULT_VARIANT = "ablation"  # the library's and the recipe's default (compression.variant)
 VARIANTS = {"paper": FlatLLMOptions(),
             "ablation": FlatLLMOptions(vo_basis="attention", mlp_select="greedy", stats_dtype="float32",
                                       importance_windows=8)}
 
 
-def resolve_options(variant: str = "ablation", **overrides) -> FlatLLMOptions:
+def resolve_options(variant: str = DEFAULT_VARIANT, **overrides) -> FlatLLMOptions:
     """The options of ``variant`` with every override that is not None applied."""
     if variant not in VARIANTS:
         raise ValueError(f"compression.variant: '{variant}' is not one of {list(VARIANTS)}")
@@ -311,7 +312,7 @@ class FlatLLMLayerMethod:
     def __init__(self, config, plan: list[dict], options: FlatLLMOptions | None = None, full_rank_too: bool = False):
         # full_rank_too: run PCA / Nystrom even where the plan keeps full size (exactness checks use it)
         self.config, self.plan, self.full_rank_too = config, plan, full_rank_too
-        self.opt = options or VARIANTS["ablation"]
+        self.opt = options or VARIANTS[DEFAULT_VARIANT]
         self.damping: dict[str, float] = {}
 
     def _damp(self, index: int, module: str, damp: float) -> None:
@@ -409,10 +410,10 @@ def compress_flatllm(model, windows: torch.Tensor, ratio: float, allocation: str
                      round_to: int = 1, device: str = "cpu", batch_size: int = 8, linear_multiple: int = 1,
                      options: FlatLLMOptions | None = None, importance: list[float] | None = None) -> dict:
     """Compress ``model`` in place so that ``ratio`` of the decoder's linear-weight parameters are removed, with
-    ``options`` (default: ``VARIANTS['default']``). ``importance``: block influence already measured on the same
+    ``options`` (default: ``VARIANTS[DEFAULT_VARIANT]``). ``importance``: block influence already measured on the same
     model and windows (skips that pass). Returns the report section (requested / achieved ratio, parameters,
     per-layer importance, kept and ranks)."""
-    opt = options or VARIANTS["ablation"]
+    opt = options or VARIANTS[DEFAULT_VARIANT]
     config = model.config
     before = accounting.decoder_linear_params(config)
     t0 = time.time()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -150,7 +151,7 @@ def load_model(path: str, dtype: str = "float32", device: str = "cpu", stream: b
         window = getattr(hf_config, "sliding_window", None)
         if window is not None and window < hf_config.max_position_embeddings:
             print(f"note: {path} uses a sliding window of {window} tokens; flatllm-export attends to the whole "
-                  f"sequence, which is the same only for sequences of at most {window} tokens")
+                  f"sequence, which is the same only for sequences of at most {window} tokens", file=sys.stderr)
         config = flat_config_from_hf(hf_config)
     if stream:
         files = tensor_files(Path(folder))
