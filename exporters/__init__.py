@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 
 from flatllm_export.parity import DEFAULT_K
+from flatllm_export.errors import UserError
 
 # MatMulNBits accuracy_level of int4 ONNX graphs (4: int8 activations, measured faster for +0.4% ppl on SmolLM2:
 # docs/bench_validation.md); the recipe's export.accuracy_level and the graph options default to it
@@ -34,7 +35,7 @@ class ExportContext:
     extra: dict = field(default_factory=dict)
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     """An exporter could not write, or its output failed its own validation."""
 
 

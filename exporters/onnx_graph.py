@@ -28,7 +28,7 @@ from flatllm_export.modeling.streaming import layers_of
 from flatllm_export.quantize.gptq import QuantizedWeight
 from flatllm_export.quantize.qlinear import QuantLinear
 
-from . import DEFAULT_ACCURACY_LEVEL
+from . import DEFAULT_ACCURACY_LEVEL, ExportError
 from .onnx_ops import (FusedNorm, MatMulNBitsLinear, QuantEmbedding, RotaryCache, attention,
                        concat_quantized, gqa_lengths, group_query_attention, pad_last, reshape_bt)
 
@@ -110,7 +110,7 @@ class GraphLayer(nn.Module):
         self.gate_up = Projections([mlp.gate_proj, mlp.up_proj], o)
         self.down = as_graph_linear(mlp.down_proj, o)
         if mlp.act_fn.__class__.__name__ not in ("SiLU", "SiLUActivation"):
-            raise ValueError(f"the ONNX graph writes SiLU; this model's MLP uses {mlp.act_fn.__class__.__name__}")
+            raise ExportError(f"the ONNX graph writes SiLU; this model's MLP uses {mlp.act_fn.__class__.__name__}")
 
     def forward(self, x, residual, lengths, past_k, past_v):
         """``lengths``: (seqlens_k, total) for GroupQueryAttention, (position_ids, 4-D mask) for Attention."""

@@ -20,6 +20,7 @@ from .recipe import Recipe, RecipeError, dump_recipe
 from .stages import OutputDir, StageLog, finished_folder, read_json
 from .parity import DEFAULT_K
 from .validate import genai_runtime, onnx_runtime, parity, torch_runtime
+from .errors import InputError
 
 RUN_FORMAT = "flatllm-export-run/1"  # report.json's "format": validate refuses a run folder of any other
 
@@ -230,10 +231,10 @@ def check_run_folder(folder: str | Path) -> Path:
     if not report_file.is_file():
         raise FileNotFoundError(f"{folder} has no report.json: it is not the output folder of a finished "
                                 "`flatllm-export run`")
-    rep = read_json(report_file, ValueError, "run the recipe again", want_object=False)
+    rep = read_json(report_file, InputError, "run the recipe again", want_object=False)
     found = rep.get("format", RUN_FORMAT) if isinstance(rep, dict) else None  # reports before the stamp: format 1
     if found != RUN_FORMAT:
-        raise ValueError(f"{report_file} has format {found!r}, this version of flatllm-export reads {RUN_FORMAT!r}: "
+        raise InputError(f"{report_file} has format {found!r}, this version of flatllm-export reads {RUN_FORMAT!r}: "
                          f"{folder} was written by another version; run its recipe again with this version")
     return folder
 
@@ -249,13 +250,13 @@ def validate_dir(folder: str | Path) -> dict:
         raise RecipeError(f"{exc}\n(was {folder} written by another version of flatllm-export? run its recipe "
                           "again with this version)") from None
     if recipe.evaluation is None:
-        raise ValueError(f"{folder}/recipe.yaml has no evaluation section: nothing to validate on")
+        raise InputError(f"{folder}/recipe.yaml has no evaluation section: nothing to validate on")
     if recipe.validation is None:
         runtimes = ["torch"] + [rt for rt, t in (("onnxruntime", "onnx"), ("gptq", "gptq")) if (folder / t).is_dir()]
         recipe = recipe.model_copy(update={"validation": ValidationSection(runtimes=runtimes)})
     ref_dir = folder / "gptq" if (folder / "gptq").is_dir() else folder / "hf"
     if not ref_dir.is_dir():
-        raise ValueError(f"{folder} has neither gptq/ nor hf/: export a PyTorch target to validate against")
+        raise InputError(f"{folder} has neither gptq/ nor hf/: export a PyTorch target to validate against")
     result = validate_outputs(folder, recipe, load_tokenizer(str(ref_dir)),
                               load_model(str(ref_dir), stream=recipe.model.stream), f"reloaded {ref_dir.name}/")
     (folder / "validation.json").write_text(json.dumps(result, indent=1) + "\n")

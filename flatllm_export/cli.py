@@ -6,9 +6,11 @@ import argparse
 import errno
 import json
 import sys
+import traceback
 from pathlib import Path
 
 from . import interrupts
+from .errors import UserError
 
 # nothing heavy is imported before main()'s try: a Ctrl-C while torch loads is handled like any other
 
@@ -22,6 +24,8 @@ def _recipe_args(p: argparse.ArgumentParser) -> None:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="flatllm-export", description="Compress, quantize, export and validate "
                                  "Llama-family models with per-layer shapes.")
+    ap.add_argument("--debug", action="store_true", help="print the traceback of a user error too (an internal "
+                    "error always shows its traceback)")
     sub = ap.add_subparsers(dest="command", required=True)
     _recipe_args(sub.add_parser("check", help="validate a recipe without running it"))
     p = sub.add_parser("run", help="run a recipe")
@@ -88,11 +92,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: cross-runtime parity failed (see {args.output}/report.md):\n{failures}", file=sys.stderr)
             return 3
         return 0
-    except (ValueError, RuntimeError) as exc:  # RecipeError, ModelLoadError, ExportError ...
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # unwritable folder, disk full, a file removed under us: name the file, no traceback
-        print(f"error: {_os_message(exc)}", file=sys.stderr)
+    except (UserError, OSError) as exc:  # RecipeError, ModelLoadError, ExportError ...; an unwritable folder, a
+        #                                   full disk, a file removed under us. Anything else is an internal error:
+        #                                   its traceback shows (exit 1)
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {_os_message(exc) if isinstance(exc, OSError) else exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
         where = f"; {args.output} was not written" if args.command == "run" else ""

@@ -21,6 +21,7 @@ import re
 from pathlib import Path
 
 import torch
+from .errors import UserError
 
 # Whole plays held out; every other play is training text. Fixed lists, so the split never drifts.
 SHAKESPEARE_TEST = ("hamlet", "the-tempest", "much-ado-about-nothing")
@@ -29,7 +30,7 @@ HUB_DATASETS = ("wikitext2", "c4", "ptb", "alpaca")
 SPLITS = ("train", "validation", "test")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Text could not be provided as asked; the message names the source and the fix."""
 
 

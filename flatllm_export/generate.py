@@ -10,6 +10,7 @@ import torch
 from .modeling import load_model, load_tokenizer
 from .runtime.ort import META_FILE, OrtDecoder, pick_next
 from .stages import finished_folder
+from .errors import InputError
 
 
 def available(folder: Path) -> dict[str, Path]:
@@ -48,7 +49,7 @@ def generate_text(folder, prompt: str, runtime: str = "auto", max_new_tokens: in
     tok = load_tokenizer(str(path))
     ids = np.array([tok(prompt)["input_ids"]], dtype=np.int64)
     if ids.size == 0:
-        raise ValueError(f"--prompt {prompt!r} gives no tokens (this tokenizer adds no BOS token): give some text")
+        raise InputError(f"--prompt {prompt!r} gives no tokens (this tokenizer adds no BOS token): give some text")
     if kind == "onnxruntime":
         out = OrtDecoder(path).generate(ids, max_new_tokens, sample, temperature, top_k, seed, tok.eos_token_id)
     elif kind == "onnxruntime-genai":

@@ -20,13 +20,14 @@ from pathlib import Path
 import torch
 
 from .tasks import TASKS_DIR
+from .errors import UserError
 
 # an exported fp32 runtime must score every item as PyTorch does; other precisions may differ by this much
 # absolute accuracy (validation.task_tolerance overrides it)
 DEFAULT_TASK_TOLERANCE = 0.02
 
 
-class TaskError(ValueError):
+class TaskError(UserError, ValueError):
     """An evaluation task cannot be run as asked; the message names the task and the fix."""
 
 

@@ -20,9 +20,10 @@ from .modeling.loading import DTYPES, SHORT_NAMES, check_model_folder
 from .parity import DEFAULT_K
 
 from exporters import DEFAULT_ACCURACY_LEVEL  # noqa: E402  (the exporters' package: no target imported)
+from .errors import UserError
 
 
-class RecipeError(ValueError):
+class RecipeError(UserError, ValueError):
     """A recipe is not valid; the message names every problem with its key path."""
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .interrupts import raise_pending
+from .errors import InputError, UserError
 
 
 def _rss_bytes() -> int:
@@ -117,7 +118,7 @@ def finished_folder(folder: str | Path, expected: str) -> Path:
         raise FileNotFoundError(f"{folder} is not a folder: give {expected}")
     partial = unfinished(folder.resolve())
     if partial is not None:
-        raise ValueError(f"{partial} is the unfinished output of a run that did not complete (killed, failed, or "
+        raise InputError(f"{partial} is the unfinished output of a run that did not complete (killed, failed, or "
                          "still running): its files may be cut short; run the recipe again")
     return folder
 
@@ -134,7 +135,7 @@ def read_json(path: Path, error: type[Exception], fix: str, want_object: bool = 
     return value
 
 
-class OutputError(OSError):
+class OutputError(UserError, OSError):
     """The output folder cannot be made, or another run is writing it."""
 
 

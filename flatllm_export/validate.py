@@ -21,6 +21,7 @@ from .modeling.streaming import is_streamed
 from .emulation import Arithmetic
 from .parity import (DTYPE_OF_KIND, KIND_OF_DTYPE, SampleStats, floors_from, greedy_divergence, judge, judge_layers,
                      onnx_floor_kind)
+from .errors import InputError
 from .reference import (EXACT, emulated_logits_fn, float64_hidden, float64_logits, float64_project,
                         floor_perturbations, layer_deviations, with_dtype)
 
@@ -95,7 +96,7 @@ def genai_runtime(folder: Path) -> Runtime:
     meta = load_meta(folder)
     reason = genai_blocker(meta)
     if reason:
-        raise ValueError(f"validation runtime 'onnxruntime-genai' cannot run {folder}: {reason}")
+        raise InputError(f"validation runtime 'onnxruntime-genai' cannot run {folder}: {reason}")
     dec = GenaiDecoder(folder)
     kind, note, arith = _onnx_traits(meta)
     return Runtime("onnxruntime-genai", dec.logits_fn(), lambda ids, n: dec.generate(ids.numpy(), n), kind, note,

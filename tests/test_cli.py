@@ -32,3 +32,27 @@ def test_failed_run_leaves_no_complete_looking_output(tmp_path):
     res = cli("run", "recipes/ref-llama-eval.yaml", "--output", str(out), "--set", f"evaluation.dataset={short}")
     assert res.returncode == 2 and "fewer than seqlen=256" in res.stderr and "Traceback" not in res.stderr
     assert not out.exists()
+
+
+def test_user_errors_are_named_internal_errors_show_their_traceback(monkeypatch, capsys):
+    """A user error (here a ModelLoadError) prints one line and exits 2 (its traceback with --debug); anything else
+    is an internal error: it is not dressed up as a user error, its traceback shows."""
+    from flatllm_export import api, cli
+    from flatllm_export.modeling.loading import ModelLoadError
+
+    def user_error(*args, **kwargs):
+        raise ModelLoadError("models/x: config.json is missing; give a Hugging Face model folder")
+
+    def internal_error(*args, **kwargs):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied (4x576 and 512x576)")
+
+    argv = ["run", str(ROOT / "recipes/ref-llama-eval.yaml"), "--output", "/nonexistent/never-written"]
+    monkeypatch.setattr(api, "run", user_error)
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == "error: models/x: config.json is missing; give a Hugging Face model folder"
+    assert cli.main(["--debug", *argv]) == 2
+    assert "Traceback (most recent call last)" in capsys.readouterr().err
+    monkeypatch.setattr(api, "run", internal_error)
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        cli.main(argv)

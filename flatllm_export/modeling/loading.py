@@ -20,6 +20,7 @@ from .configuration_flatllm import FlatLlamaConfig
 from .gguf_import import gguf_folder, smollm2_dir, smollm2_folder
 from .modeling_flatllm import FlatLlamaForCausalLM
 from .streaming import LAYER_PREFIX, DiskLayers, StreamError, meta_tensors, read_tensors, tensor_files
+from ..errors import UserError
 
 SUPPORTED = ("llama", "mistral", FlatLlamaConfig.model_type)
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -32,7 +33,7 @@ SHORT_NAMES = {"ref-llama": lambda: REPO_ROOT / "models" / "ref-llama",
 BUILDERS = {"smollm2-135m": smollm2_folder}
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(UserError, ValueError):
     """The model cannot be loaded as asked; the message names the path and the fix."""
 
 

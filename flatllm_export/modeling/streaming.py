@@ -20,11 +20,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from ..errors import UserError
 
 LAYER_PREFIX = "model.layers."
 
 
-class StreamError(OSError):
+class StreamError(UserError, OSError):
     """A streamed layer cannot be read or written; the message names the file and the fix."""
 
 

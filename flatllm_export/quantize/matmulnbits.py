@@ -12,11 +12,12 @@ import math
 import numpy as np
 
 from .gptq import QuantizedWeight
+from ..errors import UserError
 
 SUPPORTED_BITS = (2, 4, 8)
 
 
-class MatMulNBitsError(ValueError):
+class MatMulNBitsError(UserError, ValueError):
     pass
 
 

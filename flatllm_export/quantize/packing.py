@@ -7,9 +7,10 @@ from __future__ import annotations
 import torch
 
 from .gptq import QuantizedWeight
+from ..errors import UserError
 
 
-class PackingError(ValueError):
+class PackingError(UserError, ValueError):
     """A shape the GPTQ format cannot hold."""
 
 

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .ort import read_meta
+from ..errors import InputError
 
 CONFIG_FILE = "genai_config.json"
 
@@ -44,7 +45,7 @@ def write_genai_config(folder: str | Path, meta: dict | None = None, share_buffe
         share_buffer = bool(meta.get("shared_kv_buffer", False))
     reason = genai_blocker(meta)
     if reason:
-        raise ValueError(f"{folder}: {reason}")
+        raise InputError(f"{folder}: {reason}")
     layers = meta["layers"]
     names = set(meta["inputs"])
     inputs = {k: k for k in ("input_ids", "attention_mask", "position_ids") if k in names}
@@ -78,7 +79,7 @@ class GenaiDecoder:
         try:
             import onnxruntime_genai as og
         except ImportError:
-            raise RuntimeError("onnxruntime-genai is not installed: pip install 'flatllm-export[genai]'") from None
+            raise InputError("onnxruntime-genai is not installed: pip install 'flatllm-export[genai]'") from None
         self.og, self.folder = og, Path(folder)
         if not (self.folder / CONFIG_FILE).exists():
             write_genai_config(self.folder)

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..stages import read_json
+from ..errors import UserError
 
 META_FILE = "flatllm_onnx.json"
 META_FORMAT = "flatllm-onnx/2"  # its "format" key: a file of any other format is refused by name
@@ -25,7 +26,7 @@ KEEP_INPUT = "num_logits_to_keep"  # optional graph input (exporters/onnx_logits
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
-class ExportFormatError(ValueError):
+class ExportFormatError(UserError, ValueError):
     """An export folder's files are not what this version of flatllm-export writes (edited, cut, or another
     version's); the message names the file and the key."""
 
