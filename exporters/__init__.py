@@ -11,8 +11,8 @@ from typing import Callable
 
 import torch
 
-from flatllm_export.parity import DEFAULT_K
 from flatllm_export.errors import UserError
+from flatllm_export.parity import DEFAULT_K
 
 # MatMulNBits accuracy_level of int4 ONNX graphs (4: int8 activations, measured faster for +0.4% ppl on SmolLM2:
 # docs/bench_validation.md); the recipe's export.accuracy_level and the graph options default to it
@@ -73,7 +73,7 @@ def missing_requirement(target: str) -> str | None:
 
 
 def export(name: str, model, tokenizer, out: Path, ctx: ExportContext) -> dict:
-    from flatllm_export.stages import write_errors
+    from flatllm_export.files import write_errors
 
     if name not in EXPORTERS:
         importlib.import_module(f"{__name__}.{TARGETS[name][0]}")

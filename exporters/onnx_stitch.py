@@ -22,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from flatllm_export.stages import OutputError
+from flatllm_export.files import OutputError
 
 from .onnx_ops import TMP_DOMAIN
 

@@ -14,13 +14,14 @@ from pathlib import Path
 import torch
 
 from . import accounting, data, report
+from .errors import InputError
 from .evaluate import model_perplexity
 from .modeling import load_model, load_tokenizer
 from .recipe import Recipe, RecipeError, dump_recipe
-from .stages import OutputDir, StageLog, finished_folder, read_json
+from .files import OutputDir, finished_folder, read_json
+from .stages import StageLog, pin_mmap_threshold
 from .parity import DEFAULT_K
 from .validate import genai_runtime, onnx_runtime, parity, torch_runtime
-from .errors import InputError
 
 RUN_FORMAT = "flatllm-export-run/1"  # report.json's "format": validate refuses a run folder of any other
 
@@ -53,7 +54,7 @@ def _evaluate(model, tokenizer, recipe: Recipe, windows: torch.Tensor, point: st
 def activations(recipe: Recipe):
     """The calibration activations' storage the recipe asks for (dtype, spill folder)."""
     from .calibration import activation_storage
-    from .modeling.loading import DTYPES
+    from .dtypes import DTYPES
 
     cal = recipe.calibration
     return activation_storage(DTYPES.get(cal.activation_dtype), cal.spill_dir and Path(cal.spill_dir).expanduser())
@@ -82,6 +83,7 @@ def run(recipe: Recipe, output: str | Path, overwrite: bool = False, keep_failed
     """Run every section the recipe has; returns the report (also written as report.json / report.md)."""
     out = OutputDir(output, overwrite, keep_failed, marker="report.json")
     out.check()  # before any work
+    pin_mmap_threshold()  # freed tensors go back to the system during the run (stages.pin_mmap_threshold)
     log = StageLog()
     rep: dict = {"format": RUN_FORMAT, "recipe": recipe.model_dump(exclude_none=True),
                  "started": time.strftime("%Y-%m-%d %H:%M:%S"),

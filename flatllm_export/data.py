@@ -21,6 +21,7 @@ import re
 from pathlib import Path
 
 import torch
+
 from .errors import UserError
 
 # Whole plays held out; every other play is training text. Fixed lists, so the split never drifts.

@@ -7,10 +7,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import InputError
 from .modeling import load_model, load_tokenizer
 from .runtime.ort import META_FILE, OrtDecoder, pick_next
-from .stages import finished_folder
-from .errors import InputError
+from .files import finished_folder
 
 
 def available(folder: Path) -> dict[str, Path]:

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .tasks import TASKS_DIR
 from .errors import UserError
+from .tasks import TASKS_DIR
 
 # an exported fp32 runtime must score every item as PyTorch does; other precisions may differ by this much
 # absolute accuracy (validation.task_tolerance overrides it)

@@ -12,15 +12,16 @@ from typing import Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from exporters import DEFAULT_ACCURACY_LEVEL
+
 from . import data
 from .compress.flatllm import DEFAULT_VARIANT, OPTION_KEYS, resolve_options
-from .modeling.gguf_import import inspect_gguf
-from .lmeval import DEFAULT_TASK_TOLERANCE
-from .modeling.loading import DTYPES, SHORT_NAMES, check_model_folder
-from .parity import DEFAULT_K
-
-from exporters import DEFAULT_ACCURACY_LEVEL  # noqa: E402  (the exporters' package: no target imported)
+from .dtypes import DTYPES
 from .errors import UserError
+from .lmeval import DEFAULT_TASK_TOLERANCE
+from .modeling.gguf_import import inspect_gguf
+from .modeling.loading import SHORT_NAMES, check_model_folder
+from .parity import DEFAULT_K
 
 
 class RecipeError(UserError, ValueError):

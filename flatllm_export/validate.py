@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .errors import InputError
 from .evaluate import nll_sum, torch_logits_fn
 from .modeling.streaming import is_streamed
 from .emulation import Arithmetic
 from .parity import (DTYPE_OF_KIND, KIND_OF_DTYPE, SampleStats, floors_from, greedy_divergence, judge, judge_layers,
                      onnx_floor_kind)
-from .errors import InputError
 from .reference import (EXACT, emulated_logits_fn, float64_hidden, float64_logits, float64_project,
                         floor_perturbations, layer_deviations, with_dtype)
 

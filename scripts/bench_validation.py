@@ -35,7 +35,7 @@ from flatllm_export.api import evaluation_windows, run
 from flatllm_export.modeling import load_model, load_tokenizer
 from flatllm_export.quantize.qlinear import QuantLinear
 from flatllm_export.recipe import ValidationSection, parse_recipe
-from flatllm_export.stages import read_json
+from flatllm_export.files import read_json
 from flatllm_export.validate import onnx_runtime, parity
 
 RECIPE = ROOT / "recipes" / "smollm2-135m-full.yaml"

@@ -365,7 +365,7 @@ def test_disk_full_while_writing_the_onnx_tensors(monkeypatch, tmp_path, tiny_mo
     import os
 
     from exporters import onnx_stitch
-    from flatllm_export.stages import OutputError
+    from flatllm_export.files import OutputError
 
     def full(path, mode="r", *args, **kwargs):  # the tensors are appended to model.onnx.data part by part
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

@@ -15,10 +15,10 @@ import torch
 
 from .. import accounting
 from ..calibration import capture, run_sequential
+from ..errors import UserError
 from .allocation import ALLOCATORS, solve_mean_kept
 from .importance import BlockInfluence
 from .surgery import reshape_layer
-from ..errors import UserError
 
 
 class CompressionError(UserError, RuntimeError):

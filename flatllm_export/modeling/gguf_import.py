@@ -15,6 +15,7 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+
 from ..errors import UserError
 
 GGUF_MAGIC = b"GGUF"
@@ -87,8 +88,8 @@ def import_gguf(file: str | Path, output: str | Path, dtype: str = "float32", ov
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..stages import OutputDir, write_errors
-    from .loading import DTYPES
+    from ..files import OutputDir, write_errors
+    from ..dtypes import DTYPES
 
     file = Path(file).expanduser().resolve()
     if dtype not in DTYPES:

@@ -15,15 +15,15 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer
 
-from ..stages import read_json
+from ..dtypes import DTYPES
+from ..errors import UserError
+from ..files import read_json
 from .configuration_flatllm import FlatLlamaConfig
 from .gguf_import import gguf_folder, smollm2_dir, smollm2_folder
 from .modeling_flatllm import FlatLlamaForCausalLM
 from .streaming import LAYER_PREFIX, DiskLayers, StreamError, meta_tensors, read_tensors, tensor_files
-from ..errors import UserError
 
 SUPPORTED = ("llama", "mistral", FlatLlamaConfig.model_type)
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # short name -> its folder; the names in BUILDERS are built there on first use (smollm2-135m from a PyPI wheel,
 # into a cache outside the repo)

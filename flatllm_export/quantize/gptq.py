@@ -8,8 +8,8 @@ import math
 from dataclasses import dataclass
 
 import torch
-from ..errors import UserError
 
+from ..errors import UserError
 
 DEQUANT_CHUNK_ELEMENTS = 1 << 22  # dequantize this many weights at a time (float32 work copies of 16 MB)
 

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..stages import read_json
 from ..errors import UserError
+from ..files import read_json
 
 META_FILE = "flatllm_onnx.json"
 META_FORMAT = "flatllm-onnx/2"  # its "format" key: a file of any other format is refused by name
