@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from flatllm_export.modeling.loading import DTYPES, load_model
+from flatllm_export.dtypes import DTYPES
+from flatllm_export.modeling.loading import load_model
 from flatllm_export.modeling.streaming import is_streamed
 from flatllm_export.quantize.checkpoint import gptq_state_dict, is_quantized, write_quantize_config
 

@@ -8,8 +8,9 @@ import copy
 import shutil
 from pathlib import Path
 
+from flatllm_export.dtypes import DTYPES
 from flatllm_export.modeling import configuration_flatllm, modeling_flatllm
-from flatllm_export.modeling.loading import DTYPES, load_model
+from flatllm_export.modeling.loading import load_model
 from flatllm_export.modeling.shards import model_parts, write_sharded
 from flatllm_export.modeling.streaming import is_streamed
 from flatllm_export.quantize.checkpoint import dequantized_state_dict
@@ -68,7 +69,6 @@ def save_hf(model, tokenizer, out: Path, dtype: str = "float32") -> dict:
 def export_hf(model, tokenizer, out: Path, ctx: ExportContext) -> dict:
     written = save_hf(model, tokenizer, out, ctx.dtype)
     report = {"path": out.name, "dtype": ctx.dtype, "bytes": written["bytes"], "shards": len(written["files"])}
-    if ctx.sample is not None:
-        reloaded = load_model(str(out), dtype=ctx.dtype, stream=is_streamed(model))
-        report.update(check_reload("hf", model, reloaded, out, ctx))
+    reloaded = load_model(str(out), dtype=ctx.dtype, stream=is_streamed(model))  # checked on ctx.sample, or on
+    report.update(check_reload("hf", model, reloaded, out, ctx))                  # random tokens without one
     return report

@@ -375,3 +375,23 @@ def test_disk_full_while_writing_the_onnx_tensors(monkeypatch, tmp_path, tiny_mo
         export("onnx", load_model(str(tiny_model_dir)), None, tmp_path / "onnx", ExportContext())
     assert str(err.value) == (f"could not write {tmp_path / 'onnx' / 'model.onnx.data'} (No space left on device); "
                               "free disk space or choose another --output")
+
+
+def test_hf_export_checks_itself_without_a_sample(tmp_path, monkeypatch):
+    """No sample given: the hf exporter still reloads what it wrote and judges it (on random tokens)."""
+    import exporters.hf as hf_exporter
+    from exporters import ExportError
+
+    model = load_model("ref-llama")
+    rep = export("hf", model, None, tmp_path / "hf", ExportContext())
+    assert rep["max_abs_logit_diff"] <= rep["tolerance"] and rep["floor_kind"] == "fp32"
+    real_load = hf_exporter.load_model
+
+    def broken_load(*args, **kwargs):  # what the files would give if a weight were written wrong
+        m = real_load(*args, **kwargs)
+        m.model.layers[0].mlp.down_proj.weight.data *= 1.01
+        return m
+
+    monkeypatch.setattr(hf_exporter, "load_model", broken_load)
+    with pytest.raises(ExportError, match=r"hf export .* does not reproduce the model: reloaded hf/"):
+        export("hf", model, None, tmp_path / "hf2", ExportContext())
