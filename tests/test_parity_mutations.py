@@ -107,6 +107,8 @@ def test_unbroken_export_passes_both_checks(base, tmp_path, level):
     assert rep["arithmetic"] == ("exact" if level == 0 else "mlas-int8 activations, int4 embedding")
     res = parity(model, [onnx_runtime(tmp_path / "onnx")], {"test": test}, SETTINGS)
     assert res["passed"], res["failures"]
+    one = parity(model, [onnx_runtime(tmp_path / "onnx")], {"test": test[:1]}, SETTINGS)  # the sample is all there is
+    assert one["passed"] and one["sample"]["windows"] == 1, one["failures"]
     judged = {v["figure"] for v in res["verdicts"]["onnxruntime"] if v["judged"]}
     # int8 activations are discontinuous: the verdict rests on row medians, end to end and layer by layer
     assert judged == ({"logits", "ppl", "greedy", "layers"} if level == 0 else {"layers"})

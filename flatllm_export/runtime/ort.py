@@ -160,6 +160,9 @@ class OrtDecoder:
         otherwise the presents come back as new OrtValues that stay in onnxruntime memory. ``extras``: graph
         values (outputs of a ``probe`` session) to fetch too, filled in place as name -> array."""
         batch, seq = input_ids.shape
+        if batch == 0 or seq == 0:  # onnxruntime's attention kernels divide by these (SIGFPE, no error)
+            raise ValueError(f"input_ids of shape {tuple(input_ids.shape)} hold no tokens: give at least one row of "
+                             "one token")
         shared = past_len is not None
         past_len = past_len if shared else _length(past[0])
         if self.shared_buffer and attention_mask is not None and not _right_padded(attention_mask):
