@@ -18,31 +18,28 @@ Runs live in out/bench_validation/ (a variant whose report.json exists is not ru
 from __future__ import annotations
 
 import copy
-import dataclasses
 import subprocess
 import sys
 import time
 
-import torch
 import yaml
 from common import ROOT, save, table
-from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 import exporters.onnx as onnx_exporter
 import exporters.onnx_graph as onnx_graph
 from exporters import ExportContext, ExportError
 from flatllm_export.api import evaluation_windows, run
-from flatllm_export.modeling import load_model, load_tokenizer
-from flatllm_export.quantize.qlinear import QuantLinear
-from flatllm_export.recipe import ValidationSection, parse_recipe
 from flatllm_export.files import read_json
+from flatllm_export.modeling import load_model, load_tokenizer
+from flatllm_export.recipe import ValidationSection, parse_recipe
 from flatllm_export.validate import onnx_runtime, parity
+# the mutations the test suite refuses on a small model, applied here to the real one
+from tests.test_parity_mutations import LAYER, ValuesOneOff, rope_base, scales_up, swap_value_heads, untie_head
 
 RECIPE = ROOT / "recipes" / "smollm2-135m-full.yaml"
 OUT = ROOT / "out" / "bench_validation"
 VARIANTS = {"default": {}, "accuracy_level 0": {"accuracy_level": 0},
             "float head and embedding": {"lm_head": "float", "embedding": "float"}}
-LAYER = 3
 COMMAND = "python scripts/bench_validation.py"
 
 
@@ -74,42 +71,6 @@ def variant_rows(name: str, rep: dict) -> tuple[list[dict], list[dict]]:
         row[f"{x['figure']}"] = f"{x['deviation']:.3g} / {x['floor']:.3g} = {x['deviation'] / max(x['floor'], 1e-300):.2f}x"
     costs = [{"variant": name, **c} for c in v.get("accuracy_cost", [])]
     return [row], costs
-
-
-def requantized(q: QuantLinear, **changes) -> QuantLinear:
-    w = q.quantized()
-    return QuantLinear.from_quantized(dataclasses.replace(w, **changes), q.bias, q.checkpoint_format)
-
-
-def scales_up(model):
-    mlp = model.model.layers[LAYER].mlp
-    mlp.down_proj = requantized(mlp.down_proj, scales=(mlp.down_proj.quantized().scales.float() * 1.01).half())
-
-
-def swap_value_heads(model):
-    attn = model.model.layers[LAYER].self_attn
-    d = attn.v_head_dim
-    perm = torch.cat([torch.arange(d, 2 * d), torch.arange(d), torch.arange(2 * d, attn.v_proj.out_features)])
-    w = attn.v_proj.quantized()
-    attn.v_proj = requantized(attn.v_proj, codes=w.codes[perm], scales=w.scales[:, perm], zeros=w.zeros[:, perm])
-
-
-def rope_base(model):
-    model.config.rope_theta *= 1.01
-    model.model.rotary_emb = LlamaRotaryEmbedding(config=model.config)
-
-
-def untie_head(model):
-    w = model.model.embed_tokens.weight.detach()
-    g = torch.Generator().manual_seed(0)
-    model.lm_head = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
-    model.lm_head.weight.data = w + 1e-3 * w.std() * torch.randn(w.shape, generator=g)
-
-
-class ValuesOneOff(onnx_graph.GraphLayer):
-    def forward(self, x, residual, lengths, past_k, past_v):
-        past_v = torch.cat([past_v[:, :, :1], past_v[:, :, :-1]], dim=2)
-        return super().forward(x, residual, lengths, past_k, past_v)
 
 
 MUTATIONS = {"none (the unbroken export)": None, f"int4 scales x 1.01 (layer {LAYER} down_proj)": scales_up,

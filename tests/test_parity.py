@@ -21,6 +21,19 @@ def rmsnorm_in_own_dtype(self, x):
     return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
 
 
+def whole_model_float64(model, ids, monkeypatch, change=None) -> torch.Tensor:
+    """Logits of the whole model converted to float64 with every op in float64 (transformers' RMSNorm and rotary
+    compute in float32 whatever they are given: patched), after ``change(whole)`` if given."""
+    whole = reference.with_dtype(model, torch.float64)
+    if change is not None:
+        change(whole)
+    monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", rmsnorm_in_own_dtype)
+    monkeypatch.setattr(whole.model.rotary_emb, "forward",
+                        lambda x, pos: reference.rotary64(model.config, None, pos.shape[1], pos.shape[0]))
+    with torch.no_grad():
+        return whole(ids, use_cache=False).logits
+
+
 @pytest.fixture(scope="module")
 def quantized_tiny(tiny_model_dir):
     model = load_model(str(tiny_model_dir))
@@ -36,13 +49,7 @@ def test_float64_reference_equals_the_whole_model_in_float64(quantized_tiny, mon
     ids = torch.randint(0, model.config.vocab_size, (3, 40), generator=torch.Generator().manual_seed(1))
     got = reference.float64_logits(model, ids, batch_size=2)
     assert got.dtype == torch.float64 and next(model.parameters()).dtype == torch.float32  # model untouched
-    whole = reference.with_dtype(model, torch.float64)
-    monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", rmsnorm_in_own_dtype)
-    monkeypatch.setattr(whole.model.rotary_emb, "forward",
-                        lambda x, pos: reference.rotary64(model.config, None, pos.shape[1], pos.shape[0]))
-    with torch.no_grad():
-        want = whole(ids, use_cache=False).logits
-    assert torch.equal(got, want)
+    assert torch.equal(got, whole_model_float64(model, ids, monkeypatch))
     fp32 = model(ids, use_cache=False).logits.double()
     assert 0 < (fp32 - got).abs().max() < 1e-3  # float32 is near, not equal
 
@@ -115,18 +122,14 @@ def test_emulated_reference_is_the_whole_model_in_float64_with_quantized_inputs(
     arith = Arithmetic(activations="mlas-int8", embedding="int8", block_size=32)
     ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(2))
     got = reference.float64_logits(model, ids, batch_size=2, arith=arith)
-    whole = reference.with_dtype(model, torch.float64)
-    table = quantize_rtn(model.model.embed_tokens.weight.detach().float(), 8, 32).dequantize(torch.float32)
-    whole.model.embed_tokens.weight.data = table.double()
-    for m in whole.modules():
-        if isinstance(m, QuantLinear):
-            m.register_forward_pre_hook(lambda mod, args: (mlas_int8(args[0], mod.group_size),))
-    monkeypatch.setattr(modeling_llama.LlamaRMSNorm, "forward", rmsnorm_in_own_dtype)
-    monkeypatch.setattr(whole.model.rotary_emb, "forward",
-                        lambda x, pos: reference.rotary64(model.config, None, pos.shape[1], pos.shape[0]))
-    with torch.no_grad():
-        want = whole(ids, use_cache=False).logits
-    assert torch.equal(got, want)
+    def emulate(whole):
+        table = quantize_rtn(model.model.embed_tokens.weight.detach().float(), 8, 32).dequantize(torch.float32)
+        whole.model.embed_tokens.weight.data = table.double()
+        for m in whole.modules():
+            if isinstance(m, QuantLinear):
+                m.register_forward_pre_hook(lambda mod, args: (mlas_int8(args[0], mod.group_size),))
+
+    assert torch.equal(got, whole_model_float64(model, ids, monkeypatch, emulate))
     exact = reference.float64_logits(model, ids, batch_size=2)
     assert (exact - got).abs().max() > 1e-3  # the emulation is not the exact model
     floor = reference.emulated_logits(model, ids, arith).double()  # PyTorch fp32 of the same arithmetic
