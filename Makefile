@@ -9,7 +9,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, pinned: this machine serves the 2.13.0 CPU build from disk; an open range would pull CUDA.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e ".[onnx,genai,gguf,eval,test]"
+	$(BIN)/pip install -q -e ".[onnx,genai,gguf,llamacpp,eval,test]"
 	touch $(STAMP)
 
 setup: $(STAMP)

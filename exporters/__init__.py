@@ -22,7 +22,8 @@ EXPORTERS: dict[str, Callable] = {}  # filled as target modules are imported (ea
 # so a missing optional extra affects only its own targets
 TARGETS = {"hf": ("hf", (), None), "gptq": ("gptq", (), None),
            "onnx": ("onnx", ("onnx", "onnxruntime"), "onnx"),
-           "genai": ("genai", ("onnx", "onnxruntime", "onnxruntime_genai"), "onnx,genai")}
+           "genai": ("genai", ("onnx", "onnxruntime", "onnxruntime_genai"), "onnx,genai"),
+           "gguf": ("gguf", ("gguf", "llama_cpp"), "gguf,llamacpp")}
 
 
 @dataclass

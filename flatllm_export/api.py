@@ -21,7 +21,7 @@ from .recipe import Recipe, RecipeError, dump_recipe
 from .files import OutputDir, finished_folder, read_json
 from .stages import StageLog, pin_mmap_threshold
 from .parity import DEFAULT_K
-from .validate import genai_runtime, onnx_runtime, parity, torch_runtime
+from .validate import PROMPT_TOKENS, genai_runtime, llamacpp_runtime, onnx_runtime, parity, torch_runtime
 
 RUN_FORMAT = "flatllm-export-run/1"  # report.json's "format": validate refuses a run folder of any other
 
@@ -207,6 +207,9 @@ def validate_outputs(folder: Path, recipe: Recipe, tokenizer, model, note: str, 
         others.append(onnx_runtime(folder / "onnx"))
     if "onnxruntime-genai" in val.runtimes:  # the genai target when there is one (padded value cache)
         others.append(genai_runtime(folder / "genai" if (folder / "genai").is_dir() else folder / "onnx"))
+    if "llama.cpp" in val.runtimes:
+        n_ctx = max(recipe.evaluation.seqlen, PROMPT_TOKENS + val.generate_tokens)
+        others.append(llamacpp_runtime(folder / "gguf", n_ctx))
     result = parity(model, others, windows, val, recipe.evaluation.batch_size, note)
     if recipe.evaluation.tasks:  # task accuracy on every runtime, in the same table
         from . import lmeval
@@ -254,7 +257,8 @@ def validate_dir(folder: str | Path) -> dict:
     if recipe.evaluation is None:
         raise InputError(f"{folder}/recipe.yaml has no evaluation section: nothing to validate on")
     if recipe.validation is None:
-        runtimes = ["torch"] + [rt for rt, t in (("onnxruntime", "onnx"), ("gptq", "gptq")) if (folder / t).is_dir()]
+        runtimes = ["torch"] + [rt for rt, t in (("onnxruntime", "onnx"), ("gptq", "gptq"), ("llama.cpp", "gguf"))
+                               if (folder / t).is_dir()]
         recipe = recipe.model_copy(update={"validation": ValidationSection(runtimes=runtimes)})
     ref_dir = folder / "gptq" if (folder / "gptq").is_dir() else folder / "hf"
     if not ref_dir.is_dir():

@@ -12,7 +12,8 @@ reference (``reference.py``) and PyTorch's own noise floor both compute *that* a
 float64, the floor at the runtime's float precision (``emulated_layer``). A runtime is then judged on what it
 was asked to compute, with the fp32 floor, and what the approximations cost in accuracy is reported apart.
 
-Adding a runtime's arithmetic (llama.cpp's Q8_0 activations, say) is one more entry in ``ACTIVATIONS``.
+llama.cpp's arithmetic (Q8_0 activations into its Q4_0 / Q8_0 matmuls, ``ggml_q8_0``) is the other entry of
+``ACTIVATIONS``; ``of_gguf`` names it for a GGUF export.
 """
 
 from __future__ import annotations
@@ -47,7 +48,22 @@ def mlas_int8(x: torch.Tensor, block: int) -> torch.Tensor:
     return (q * (amax / 127.0)).flatten(-2)[..., :k].to(x.dtype)
 
 
-ACTIVATIONS = {"mlas-int8": mlas_int8}
+def ggml_q8_0(x: torch.Tensor, block: int = 32) -> torch.Tensor:
+    """Activations as llama.cpp's CPU backend quantizes them before a Q4_0 / Q8_0 matmul (``quantize_row_q8_0``,
+    the ``vec_dot_type`` of both), dequantized: blocks of 32 along K, d = amax/127 stored as float16, codes
+    round(x x 127/amax) (the reciprocal from the float32 amax, rounded to nearest); a block's integer dot product is
+    scaled by both blocks' float16 scales."""
+    work = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+    k = work.shape[-1]
+    blocks = F.pad(work, (0, -k % block)).unflatten(-1, (-1, block))
+    amax = blocks.abs().amax(-1, keepdim=True)
+    inverse = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
+    q = torch.round(blocks * inverse)
+    d = (amax / 127.0).to(torch.float16).to(work.dtype)
+    return (q * d).flatten(-2)[..., :k].to(x.dtype)
+
+
+ACTIVATIONS = {"mlas-int8": mlas_int8, "ggml-q8_0": ggml_q8_0}
 
 
 @dataclass(frozen=True)
@@ -85,6 +101,15 @@ class Arithmetic:
                    lm_head=head if head in TABLE_BITS else "float", block_size=int(meta.get("head_block_size", 32)),
                    runtime="onnxruntime")
 
+    @classmethod
+    def of_gguf(cls, traits: dict) -> "Arithmetic":
+        """The arithmetic of a GGUF file in llama.cpp, from ``runtime.llamacpp.gguf_traits``: Q8_0 activations into
+        every Q4_0 / Q8_0 matmul, and a tied table read from the quantized output's blocks (``head_tables``)."""
+        if traits["embedding"] != "float" and not traits["quantized"]:
+            raise ValueError(f"a GGUF with a {traits['embedding']} table has quantized weights")
+        return cls(activations="ggml-q8_0" if traits["quantized"] else None, embedding=traits["embedding"],
+                   runtime="llama.cpp")
+
     def approximations(self) -> dict[str, "Arithmetic"]:
         """Each approximation of this arithmetic on its own: label -> an arithmetic making only that one."""
         out = {}
@@ -101,14 +126,19 @@ class Arithmetic:
 
 
 class QuantizedInput(nn.Module):
-    """A quantized linear whose input is first quantized as the runtime does (``ACTIVATIONS``), per block."""
+    """A quantized linear whose input is first quantized as the runtime does (``ACTIVATIONS``), per block; with
+    ``segment``, the input is runs of ``segment`` values (value heads that the export pads to the key head dim:
+    llama.cpp's attn_output), each blocked from its own start."""
 
-    def __init__(self, linear: nn.Module, activations: str, block: int):
+    def __init__(self, linear: nn.Module, activations: str, block: int, segment: int | None = None):
         super().__init__()
-        self.linear, self.activations, self.block = linear, activations, block
+        self.linear, self.activations, self.block, self.segment = linear, activations, block, segment
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(ACTIVATIONS[self.activations](x, self.block))
+        fn = ACTIVATIONS[self.activations]
+        if self.segment is None:
+            return self.linear(fn(x, self.block))
+        return self.linear(fn(x.unflatten(-1, (-1, self.segment)), self.block).flatten(-2))
 
 
 # onnxruntime (1.32, x86-64) quantizes A in blocks of at most 256 whatever the node's block_size: measured with one
@@ -116,23 +146,39 @@ class QuantizedInput(nn.Module):
 MLAS_MAX_ACTIVATION_BLOCK = 256
 
 
-def activation_block(q: QuantizedWeight | QuantLinear) -> int:
-    """The block along K in which a quantized linear's MatMulNBits node quantizes its activations."""
+ACTIVATION_BLOCKS = {"ggml-q8_0": 32}  # fixed blocks; MatMulNBits' depend on the node (``activation_block``)
+
+
+def activation_block(q: QuantizedWeight | QuantLinear, arith: "Arithmetic | None" = None) -> int:
+    """The block along K in which the runtime of ``arith`` quantizes a quantized linear's activations (default:
+    onnxruntime's MatMulNBits node)."""
     from .quantize.matmulnbits import block_size_for
 
+    if arith is not None and arith.activations in ACTIVATION_BLOCKS:
+        return ACTIVATION_BLOCKS[arith.activations]
     return min(block_size_for(q.quantized() if isinstance(q, QuantLinear) else q), MLAS_MAX_ACTIVATION_BLOCK)
 
 
-def wrap_quantized(arith: Arithmetic, linear: nn.Module, block: int) -> nn.Module:
+def wrap_quantized(arith: Arithmetic, linear: nn.Module, block: int, segment: int | None = None) -> nn.Module:
     """``linear`` (the stand-in of a quantized linear) with the arithmetic's activation quantization, if any."""
-    return QuantizedInput(linear, arith.activations, block) if arith.activations else linear
+    return QuantizedInput(linear, arith.activations, block, segment) if arith.activations else linear
+
+
+def padded_segments(layer: nn.Module, arith: Arithmetic) -> dict[int, int]:
+    """{id(o_proj): value head dim} where the runtime pads narrow value heads to the key head dim before o_proj
+    (llama.cpp: its one head size), so that its activation blocks start at every head."""
+    attn = getattr(layer, "self_attn", None)
+    if arith.runtime != "llama.cpp" or attn is None or getattr(attn, "v_head_dim", None) in (None, attn.head_dim):
+        return {}
+    return {id(attn.o_proj): attn.v_head_dim}
 
 
 def emulated_layer(layer: nn.Module, arith: Arithmetic, dtype: torch.dtype, as_linear=None) -> nn.Module:
     """A throwaway copy of one decoder layer computing ``arith`` in ``dtype``: each QuantLinear becomes
     ``as_linear(q)`` (default: a copy of itself) behind the activation quantization."""
     as_linear = as_linear or copy.deepcopy
-    memo = {id(m): wrap_quantized(arith, as_linear(m), activation_block(m))
+    segments = padded_segments(layer, arith)
+    memo = {id(m): wrap_quantized(arith, as_linear(m), activation_block(m, arith), segments.get(id(m)))
             for m in layer.modules() if isinstance(m, QuantLinear)}
     return copy.deepcopy(layer, memo).to(dtype)
 
@@ -167,7 +213,7 @@ def exported_tables(model, arith: Arithmetic, dtype: torch.dtype) -> tuple[nn.Em
         lin.weight.data = head.dequantize(torch.float32).to(dtype)
         if lin.bias is not None:
             lin.bias.data = model.lm_head.bias.detach().to(dtype)
-        return embed, wrap_quantized(arith, lin, activation_block(head))
+        return embed, wrap_quantized(arith, lin, activation_block(head, arith))
     if isinstance(head, QuantLinear):
-        return embed, wrap_quantized(arith, copy.deepcopy(head).to(dtype), activation_block(head))
+        return embed, wrap_quantized(arith, copy.deepcopy(head).to(dtype), activation_block(head, arith))
     return embed, head

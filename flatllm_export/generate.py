@@ -21,6 +21,10 @@ def available(folder: Path) -> dict[str, Path]:
         if (sub / META_FILE).exists():
             found = {"onnxruntime": sub, "onnxruntime-genai": sub}
             break
+    for sub in (folder, folder / "gguf"):
+        if (sub / "model.gguf").exists():
+            found["llama.cpp"] = sub
+            break
     for sub in (folder, folder / "gptq", folder / "hf"):
         if (sub / "config.json").exists():
             found["torch"] = sub
@@ -46,6 +50,17 @@ def resolve(folder: str | Path, runtime: str) -> tuple[str, Path]:
 def generate_text(folder, prompt: str, runtime: str = "auto", max_new_tokens: int = 64, sample: bool = False,
                   temperature: float = 0.8, top_k: int = 40, seed: int = 0) -> str:
     kind, path = resolve(folder, runtime)
+    if kind == "llama.cpp":  # the GGUF file alone: its own tokenizer, llama.cpp's default settings
+        from .runtime.llamacpp import LlamaCppDecoder
+
+        dec = LlamaCppDecoder(path / "model.gguf", n_ctx=min(4096, 256 + max_new_tokens), validation=False)
+        ids = dec.tokenize(prompt)
+        if not ids:
+            raise InputError(f"--prompt {prompt!r} gives no tokens (this tokenizer adds no BOS token): give some text")
+        rng = np.random.default_rng(seed)
+        pick = lambda logits: int(pick_next(logits[None], sample, temperature, top_k, rng)[0])  # noqa: E731
+        out = dec.generate(np.array([ids]), max_new_tokens, pick, dec.llm.token_eos())
+        return dec.detokenize(out[0])
     tok = load_tokenizer(str(path))
     ids = np.array([tok(prompt)["input_ids"]], dtype=np.int64)
     if ids.size == 0:

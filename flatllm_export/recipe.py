@@ -255,7 +255,7 @@ REMOVED_VALIDATION_KEYS = ("max_ppl_rel_diff", "max_ppl_rel_diff_lowp", "max_log
 
 
 class ValidationSection(Strict):
-    runtimes: list[Literal["torch", "onnxruntime", "onnxruntime-genai", "gptq"]] = Field(default_factory=lambda: ["torch", "onnxruntime"])
+    runtimes: list[Literal["torch", "onnxruntime", "onnxruntime-genai", "gptq", "llama.cpp"]] = Field(default_factory=lambda: ["torch", "onnxruntime"])
     datasets: list[str] = Field(default_factory=list, description="evaluation datasets (default: evaluation's)")
     noise_k: float = Field(DEFAULT_K, ge=1.0, le=1e6, description="a runtime passes when its deviation from the "
                            "float64 reference is at most noise_k x PyTorch's own (the noise floor); export "
@@ -332,6 +332,8 @@ class Recipe(Strict):
             raise ValueError(f"export target {onnx_targets[0]!r} turns GPTQ weights into MatMulNBits, which needs "
                              "quantization.bits in [2, 4, 8] and quantization.desc_act: false "
                              f"(got bits={q.bits}, desc_act={q.desc_act})")
+        if "gguf" in targets:
+            self._gguf_check(q)
         from .modeling.loading import model_context
 
         context = model_context(self.model.path)
@@ -348,7 +350,7 @@ class Recipe(Strict):
                                  "section (dataset, split, seqlen of the windows): add one or remove the key")
             if self.evaluation is None:
                 raise ValueError("validation needs an evaluation section (dataset, split, seqlen of the windows)")
-            need = {"onnxruntime": "onnx", "gptq": "gptq"}
+            need = {"onnxruntime": "onnx", "gptq": "gptq", "llama.cpp": "gguf"}
             for rt in self.validation.runtimes:
                 if rt in need and need[rt] not in targets:
                     raise ValueError(f"validation.runtimes has '{rt}' but export.targets lacks '{need[rt]}'")
@@ -365,6 +367,33 @@ class Recipe(Strict):
                                      "cache): remove export.attention: standard (GroupQueryAttention pads it), "
                                      "or add export target 'genai'")
         return self
+
+    def _gguf_check(self, q) -> None:
+        """What the gguf target (llama.cpp) cannot hold, refused before any work, with the fix."""
+        from .quantize.ggml import ggml_blocker
+
+        fix = "or remove 'gguf' from export.targets"
+        if q is not None:
+            reason = ggml_blocker(q.bits, q.group_size, q.sym, q.desc_act)
+            if reason:
+                raise ValueError(f"export target 'gguf' writes GPTQ weights as llama.cpp's Q4_0 / Q8_0 unchanged, "
+                                 f"which cannot hold {reason}; {fix}")
+        c = self.compression
+        if c is not None and c.method == "svd-llm":
+            raise ValueError("export target 'gguf': SVD-LLM stores projections as two low-rank factors, which "
+                             f"llama.cpp cannot represent: use compression.method flatllm or flap, {fix}")
+        if c is not None and c.method == "flatllm" and c.qk:
+            raise ValueError("export target 'gguf': compression.qk: true makes Q/K low-rank per head, which "
+                             f"llama.cpp cannot represent: set compression.qk: false, {fix}")
+        if self.export.dtype != "float32":
+            raise ValueError(f"export target 'gguf' writes float weights as F32 only (export.dtype is "
+                             f"{self.export.dtype}): set export.dtype: float32, {fix}")
+        head, emb = self.head_format("lm_head"), self.export.embedding
+        own = f"int{q.bits}" if q is not None and q.bits in (4, 8) else "float"
+        if head != own or emb not in ("auto", "float", own):
+            raise ValueError(f"export target 'gguf' writes the model's own lm_head ({own}) and embedding (float, or "
+                             f"a tied table read from the GPTQ head): export.lm_head {head} / export.embedding {emb} "
+                             f"need rounding it does not do; use 'auto', {fix}")
 
     def head_format(self, which: str) -> str:
         """export.embedding / export.lm_head resolved: float, int8 or int4. ``auto`` lm_head: the quantization's

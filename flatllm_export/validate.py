@@ -103,6 +103,20 @@ def genai_runtime(folder: Path) -> Runtime:
                    arith)
 
 
+def llamacpp_runtime(folder: Path, n_ctx: int) -> Runtime:
+    """A GGUF export run by llama.cpp (through llama-cpp-python), with a float32 KV cache."""
+    from .runtime.llamacpp import LlamaCppDecoder, gguf_traits
+
+    path = folder / "model.gguf"
+    if not path.is_file():
+        raise InputError(f"validation runtime 'llama.cpp' needs {path}: export target 'gguf' writes it")
+    dec = LlamaCppDecoder(path, n_ctx=n_ctx)
+    traits = gguf_traits(path)
+    arith = Arithmetic.of_gguf(traits)
+    note = "/".join(traits["types"]) + ("" if arith.exact else f"; emulated: {arith.describe()}")
+    return Runtime("llama.cpp", dec.logits_fn(), lambda ids, n: dec.generate(ids.numpy(), n), "fp32", note, arith)
+
+
 class _Clock:
     """Adds up the time spent in the calls it wraps (the float64 reference's share of the validation)."""
 

