@@ -23,7 +23,7 @@ EXPORTERS: dict[str, Callable] = {}  # filled as target modules are imported (ea
 TARGETS = {"hf": ("hf", (), None), "gptq": ("gptq", (), None),
            "onnx": ("onnx", ("onnx", "onnxruntime"), "onnx"),
            "genai": ("genai", ("onnx", "onnxruntime", "onnxruntime_genai"), "onnx,genai"),
-           "gguf": ("gguf", ("gguf", "llama_cpp"), "gguf,llamacpp")}
+           "gguf": ("gguf", ("gguf", "llama_cpp"), "llamacpp")}
 
 
 @dataclass

@@ -36,6 +36,16 @@ rep = export("onnx", model, None, out, ExportContext())
 assert rep["max_abs_logit_diff"] <= rep["tolerance"], rep
 print("ok")
 """,
+    "llamacpp": f"""
+import tempfile, pathlib
+from exporters import ExportContext, export
+from flatllm_export.modeling import load_model, load_tokenizer
+model, tok = load_model({str(ref_path("ref-llama"))!r}), load_tokenizer({str(ref_path("ref-llama"))!r})
+out = pathlib.Path(tempfile.mkdtemp()) / "gguf"
+rep = export("gguf", model, tok, out, ExportContext())  # written, loaded in llama.cpp and judged
+assert rep["max_abs_logit_diff"] <= rep["tolerance"], rep
+print("ok")
+""",
 }
 
 

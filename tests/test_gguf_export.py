@@ -174,7 +174,7 @@ def test_missing_binding_is_refused_with_the_install_command(monkeypatch):
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llama_cpp" else real(n, *a))
-    with pytest.raises(RecipeError, match=r"pip install 'flatllm-export\[gguf,llamacpp\]'"):
+    with pytest.raises(RecipeError, match=r"pip install 'flatllm-export\[llamacpp\]'"):
         parse_recipe(copy.deepcopy(BASE))
 
 
