@@ -31,21 +31,30 @@ from .quantize.qlinear import QuantLinear
 TABLE_BITS = {"float": None, "int8": 8, "int4": 4}  # the export's formats of the embedding / an lm_head it rounds
 
 
-def mlas_int8(x: torch.Tensor, block: int) -> torch.Tensor:
-    """Activations as MLAS's ``CompInt8`` path quantizes them (onnxruntime ``QuantizeARow_CompInt8``, MatMulNBits
-    at accuracy_level 4 on CPU), dequantized: each row of A, block by block of the node's ``block_size`` along K
-    (a last partial block on its own), gets the scale amax/127; values are multiplied by 127/amax (one product
-    with the reciprocal computed once, as the kernel does) and rounded half to even; the int8 x int-N products of
-    a block are then summed exactly and scaled by both scales. The arithmetic runs in ``x``'s dtype (float32: the
-    kernel's own rounding of the scale and the product; float64: the reference); a float16 input is quantized in
-    float32, as the kernel converts it."""
+def _int8_blocks(x: torch.Tensor, block: int, scale_dtype: torch.dtype | None) -> torch.Tensor:
+    """Symmetric int8 quantization of ``x`` in blocks of ``block`` along the last dim (a last partial block on its
+    own), dequantized: scale amax/127 (stored as ``scale_dtype`` when given), codes round-half-to-even of
+    x x 127/amax (the reciprocal from the unrounded amax, one product per value). The arithmetic runs in ``x``'s
+    dtype (float32: a kernel's own roundings; float64: the reference); float16 / bfloat16 inputs in float32."""
     work = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
     k = work.shape[-1]
     blocks = F.pad(work, (0, -k % block)).unflatten(-1, (-1, block))
     amax = blocks.abs().amax(-1, keepdim=True)
     inverse = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
     q = torch.round(blocks * inverse)
-    return (q * (amax / 127.0)).flatten(-2)[..., :k].to(x.dtype)
+    scale = amax / 127.0
+    if scale_dtype is not None:
+        scale = scale.to(scale_dtype).to(work.dtype)
+    return (q * scale).flatten(-2)[..., :k].to(x.dtype)
+
+
+def mlas_int8(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Activations as MLAS's ``CompInt8`` path quantizes them (onnxruntime ``QuantizeARow_CompInt8``, MatMulNBits
+    at accuracy_level 4 on CPU), dequantized: each row of A, block by block of the node's ``block_size`` along K,
+    gets the scale amax/127 (kept in float32); values are multiplied by 127/amax (one product with the reciprocal
+    computed once, as the kernel does) and rounded half to even; the int8 x int-N products of a block are then
+    summed exactly and scaled by both scales."""
+    return _int8_blocks(x, block, None)
 
 
 def ggml_q8_0(x: torch.Tensor, block: int = 32) -> torch.Tensor:
@@ -53,14 +62,7 @@ def ggml_q8_0(x: torch.Tensor, block: int = 32) -> torch.Tensor:
     the ``vec_dot_type`` of both), dequantized: blocks of 32 along K, d = amax/127 stored as float16, codes
     round(x x 127/amax) (the reciprocal from the float32 amax, rounded to nearest); a block's integer dot product is
     scaled by both blocks' float16 scales."""
-    work = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
-    k = work.shape[-1]
-    blocks = F.pad(work, (0, -k % block)).unflatten(-1, (-1, block))
-    amax = blocks.abs().amax(-1, keepdim=True)
-    inverse = torch.where(amax > 0, 127.0 / amax, torch.zeros_like(amax))
-    q = torch.round(blocks * inverse)
-    d = (amax / 127.0).to(torch.float16).to(work.dtype)
-    return (q * d).flatten(-2)[..., :k].to(x.dtype)
+    return _int8_blocks(x, block, torch.float16)
 
 
 ACTIVATIONS = {"mlas-int8": mlas_int8, "ggml-q8_0": ggml_q8_0}

@@ -30,6 +30,7 @@ import re
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 from common import REAL, ROOT, Resume, save, table
 
@@ -122,9 +123,9 @@ def bench(tools, path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--llama-cpp", required=True, type=lambda p: __import__("pathlib").Path(p),
+    ap.add_argument("--llama-cpp", required=True, type=Path,
                     help="llama.cpp's source tree (convert_hf_to_gguf.py, gguf-py)")
-    ap.add_argument("--tools", required=True, type=lambda p: __import__("pathlib").Path(p),
+    ap.add_argument("--tools", required=True, type=Path,
                     help="folder of the built llama-quantize, llama-imatrix, llama-perplexity, llama-bench")
     args = ap.parse_args()
     calib, test = texts()
