@@ -5,10 +5,16 @@ Validation runs llama.cpp with a float32 KV cache and without flash attention, s
 export's arithmetic (``emulation.Arithmetic.of_gguf``: Q8_0 activations into Q4_0 / Q8_0 matmuls) and nothing
 more; llama.cpp's own defaults (a float16 cache) are what ``generate`` uses. A file llama.cpp cannot load is
 refused with llama.cpp's own log lines.
+
+Weights stay in llama.cpp's plain CPU buffers (its ``use_extra_bufts`` off): no AMX tiles or repacked layouts, so
+one kernel family computes every file on every x86 CPU. llama.cpp's AMX kernels crash the process (SIGILL or
+SIGSEGV in ``ggml_backend_amx_mul_mat``) on virtual machines that advertise AMX without running it, and the
+binding gives no other way to keep them out. llama.cpp's own tools keep their defaults.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib.util
 from pathlib import Path
@@ -75,6 +81,25 @@ class _Log:
         return "; ".join(keep[-4:]) or (text.strip().splitlines() or ["no message"])[-1]
 
 
+@contextlib.contextmanager
+def _plain_cpu_buffers(llama_cpp):
+    """While a model loads, llama.cpp's default model parameters have ``use_extra_bufts`` off (the binding's
+    ``Llama`` takes its parameters from ``llama_model_default_params`` and exposes no such argument)."""
+    lib = llama_cpp.llama_cpp
+    default = lib.llama_model_default_params
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    lib.llama_model_default_params = params
+    try:
+        yield
+    finally:
+        lib.llama_model_default_params = default
+
+
 class LlamaCppDecoder:
     """A GGUF file in llama.cpp: ``logits_fn`` (every position of each window) and greedy ``generate``."""
 
@@ -92,7 +117,7 @@ class LlamaCppDecoder:
         if validation:  # the export's arithmetic only: a float32 cache, no flash attention
             options.update(type_k=GGML_TYPE_F32, type_v=GGML_TYPE_F32, flash_attn=False)
         log = _Log(llama_cpp)
-        with log:
+        with log, _plain_cpu_buffers(llama_cpp):
             try:
                 self.llm = llama_cpp.Llama(model_path=str(self.path), **options)
             except (ValueError, RuntimeError) as exc:
