@@ -34,7 +34,6 @@ import os
 import re
 import statistics
 import subprocess
-import sys
 from pathlib import Path
 
 from common import REAL, ROOT, Resume, save, table
@@ -42,7 +41,6 @@ from common import REAL, ROOT, Resume, save, table
 from flatllm_export import data
 from flatllm_export.api import run
 from flatllm_export.modeling import load_tokenizer
-from flatllm_export.modeling.gguf_import import smollm2_folder
 from flatllm_export.recipe import parse_recipe
 
 OUT = ROOT / "out" / "bench_gguf"
@@ -55,11 +53,12 @@ OURS = {"ours dense GPTQ Q4_0": None,
         "ours FLAP 30% + GPTQ Q4_0": {"method": "flap", "ratio": 0.3}}
 
 
-def sh(cmd: list[str], **kw) -> str:
-    res = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kw)
+def sh(cmd: list, stderr: bool = True) -> str:
+    """What ``cmd`` printed (stdout, then stderr unless ``stderr=False``); a failure raises with its stderr."""
+    res = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if res.returncode != 0:
         raise RuntimeError(f"{' '.join(map(str, cmd))} failed:\n{res.stderr[-3000:]}")
-    return res.stdout + res.stderr
+    return res.stdout + (res.stderr if stderr else "")
 
 
 def commit() -> str:
@@ -80,7 +79,7 @@ def texts() -> tuple[str, str]:
     return str(calib), str(test)
 
 
-def recipe(name: str, compression: dict | None, bits: int | None) -> dict:
+def recipe(compression: dict | None, bits: int | None) -> dict:
     raw = {"model": {"path": REAL},
            "calibration": {"dataset": "shakespeare", "nsamples": CALIB, "seqlen": SEQLEN, "seed": SEED,
                            "batch_size": 4},
@@ -104,7 +103,7 @@ def llama_cpp_points(tools, calib) -> dict[str, str]:
     (self-checked against PyTorch; the tokenizer metadata of the source GGUF kept): llama.cpp's converter,
     given the folder the model was imported into, writes an SPM vocabulary without byte tokens for this
     byte-level BPE tokenizer, and llama.cpp aborts tokenizing (``llama_vocab::byte_to_token``)."""
-    f32 = export("dense F32", recipe("dense F32", None, None))
+    f32 = export("dense F32", recipe(None, None))
     imatrix = OUT / "imatrix.gguf"
     if not imatrix.exists():
         sh([tools / "llama-imatrix", "-m", f32, "-f", calib, "-o", imatrix, "-c", SEQLEN, "--chunks", CALIB,
@@ -123,7 +122,7 @@ def llama_cpp_points(tools, calib) -> dict[str, str]:
 
 
 def our_points() -> dict[str, str]:
-    return {name: str(export(name, recipe(name, compression, 4))) for name, compression in OURS.items()}
+    return {name: str(export(name, recipe(compression, 4))) for name, compression in OURS.items()}
 
 
 def perplexity(tools, path, test) -> float:
@@ -143,12 +142,9 @@ PROMPT, GENERATE = "ROMEO:", 24
 
 def completion(tools, path) -> str:
     """Greedy text of stock llama.cpp's ``llama-completion`` after PROMPT (the prompt not echoed)."""
-    res = subprocess.run([str(c) for c in (tools / "llama-completion", "-m", path, "-p", PROMPT, "-n", GENERATE,
-                                           "--temp", 0, "-t", 2, "-no-cnv", "--no-display-prompt", "-s", 0)],
-                         capture_output=True, text=True, stdin=subprocess.DEVNULL)
-    if res.returncode != 0:
-        raise RuntimeError(f"llama-completion failed on {path}:\n{res.stderr[-3000:]}")
-    return " ".join(res.stdout.split())
+    out = sh([tools / "llama-completion", "-m", path, "-p", PROMPT, "-n", GENERATE, "--temp", 0, "-t", 2, "-no-cnv",
+              "--no-display-prompt", "-s", 0], stderr=False)
+    return " ".join(out.split())
 
 
 def version(tools) -> str:
@@ -185,7 +181,8 @@ def main() -> None:
     cols = ["model", "MB", "ppl", "prompt tok/s", "decode tok/s", "decode vs llama.cpp Q4_0"]
     texts_out = [f"- {name}: {completion(args.tools, points[name])!r}" for name in OURS]
     md = (f"# GGUF in llama.cpp: our exports against llama.cpp's own quantizer (SmolLM2-135M)\n\n"
-          f"`{COMMAND}` at commit {commit()}, llama.cpp {args.llama_cpp_label or version(args.tools)}. Calibration: {CALIB} x {SEQLEN} tokens of the Shakespeare train plays "
+          f"`{COMMAND}` at commit {commit()}, llama.cpp {args.llama_cpp_label or version(args.tools)}. "
+          f"Calibration: {CALIB} x {SEQLEN} tokens of the Shakespeare train plays "
           f"(GPTQ and llama-imatrix alike). ppl: `llama-perplexity -c {SEQLEN} --chunks {CHUNKS}` on the test plays. "
           f"Speed: `llama-bench -p 128 -n 128 -t 2`, median of {ROUNDS} rounds over all models in one run.\n\n"
           + table(rows, cols)
