@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flatllm_export.modeling.modeling_flatllm import attention_mask_4d
-from flatllm_export.quantize.gptq import QuantizedWeight
+from flatllm_export.modeling.packing import QuantizedWeight
 from flatllm_export.quantize.matmulnbits import to_matmulnbits
 
 TMP_DOMAIN = "flatllm.opset23"

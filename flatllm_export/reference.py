@@ -18,7 +18,7 @@ from torch import nn
 from .calibration import run_layers
 from .emulation import Arithmetic, exported_tables, emulated_layer
 from .modeling.streaming import layers_of
-from .quantize.qlinear import QuantLinear
+from .modeling.qlinear import QuantLinear
 
 EXACT = Arithmetic()
 
