@@ -21,6 +21,7 @@ from .recipe import Recipe, RecipeError, dump_recipe
 from .files import OutputDir, finished_folder, read_json
 from .stages import StageLog, pin_mmap_threshold
 from .parity import DEFAULT_K
+from .preflight import preflight
 from .validate import PROMPT_TOKENS, genai_runtime, llamacpp_runtime, onnx_runtime, parity, torch_runtime
 
 RUN_FORMAT = "flatllm-export-run/1"  # report.json's "format": validate refuses a run folder of any other
@@ -83,8 +84,10 @@ def run(recipe: Recipe, output: str | Path, overwrite: bool = False, keep_failed
     """Run every section the recipe has; returns the report (also written as report.json / report.md)."""
     out = OutputDir(output, overwrite, keep_failed, marker="report.json")
     out.check()  # before any work
-    pin_mmap_threshold()  # freed tensors go back to the system during the run (stages.pin_mmap_threshold)
     log = StageLog()
+    with log.stage("preflight") as st:  # the recipe against this machine, every task's data loaded (hub tasks too)
+        st.update(preflight(recipe, load_task_data=True))
+    pin_mmap_threshold()  # freed tensors go back to the system during the run (stages.pin_mmap_threshold)
     rep: dict = {"format": RUN_FORMAT, "recipe": recipe.model_dump(exclude_none=True),
                  "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                  "environment": {"python": platform.python_version(), "torch": torch.__version__,
@@ -93,11 +96,6 @@ def run(recipe: Recipe, output: str | Path, overwrite: bool = False, keep_failed
         rep["warnings"] = recipe.warnings()
     with out as work, layer_folder(recipe, work) as layers:
         (work / "recipe.yaml").write_text(dump_recipe(recipe))
-        if recipe.evaluation and recipe.evaluation.tasks:
-            from .lmeval import check_tasks
-
-            with log.stage("tasks") as st:  # every task's data loaded (hub tasks too) before any model work
-                st.update(documents=check_tasks(recipe.evaluation, load_data=True))
         with log.stage("load") as st:
             model = load_model(recipe.model.path, recipe.model.dtype, "cpu" if recipe.model.stream else
                                recipe.model.device, stream=recipe.model.stream, work_dir=layers)

@@ -12,6 +12,7 @@ import torch
 
 from flatllm_export.modeling import load_model, load_tokenizer
 from flatllm_export.modeling.gguf_import import GGUFError, import_gguf
+from flatllm_export.preflight import preflight
 from flatllm_export.recipe import RecipeError, parse_recipe
 
 from .conftest import ROOT, ref_path
@@ -88,7 +89,7 @@ def test_bad_gguf_refused_by_name(ref_gguf, tmp_path):
         assert str(path) in str(err.value)
         assert not out.exists() and not out.with_name(out.name + ".partial").exists()
         with pytest.raises(RecipeError, match=f"model.path: .*{message}"):
-            parse_recipe({"model": {"path": str(path)}})
+            preflight(parse_recipe({"model": {"path": str(path)}}))
     res = cli("import-gguf", str(tmp_path / "notes.gguf"), "--output", str(tmp_path / "o"))  # the CLI's face
     assert res.returncode == 2 and "is not a GGUF file" in res.stderr and "Traceback" not in res.stderr
 

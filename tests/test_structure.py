@@ -6,8 +6,8 @@ from pathlib import Path
 
 from .conftest import ROOT
 
-ORCHESTRATION = {"flatllm_export.cli": 0, "flatllm_export.api": 1, "flatllm_export.recipe": 2,
-                 "flatllm_export.stages": 2}
+ORCHESTRATION = {"flatllm_export.cli": 0, "flatllm_export.api": 1, "flatllm_export.preflight": 2,
+                 "flatllm_export.recipe": 3, "flatllm_export.stages": 3}
 OPEN_PACKAGE_CYCLES: set[frozenset[str]] = set()  # none: a package cycle added later fails here
 
 
