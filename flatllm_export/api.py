@@ -65,7 +65,7 @@ def activations(recipe: Recipe):
 def layer_folder(recipe: Recipe, work: Path):
     """Where a streamed run writes its changed layers: a fresh folder in model.stream_dir or in the work folder;
     removed when the run ends (the output folder holds only the exports)."""
-    if not recipe.model.stream:
+    if not recipe.streams():
         yield None
         return
     if recipe.model.stream_dir:
@@ -97,8 +97,8 @@ def run(recipe: Recipe, output: str | Path, overwrite: bool = False, keep_failed
     with out as work, layer_folder(recipe, work) as layers:
         (work / "recipe.yaml").write_text(dump_recipe(recipe))
         with log.stage("load") as st:
-            model = load_model(recipe.model.path, recipe.model.dtype, "cpu" if recipe.model.stream else
-                               recipe.model.device, stream=recipe.model.stream, work_dir=layers)
+            model = load_model(recipe.model.path, recipe.model.dtype, "cpu" if recipe.streams() else
+                               recipe.model.device, stream=recipe.streams(), work_dir=layers)
             tokenizer = load_tokenizer(recipe.model.path)
             st.update(path=model.name_or_path, source_model_type=model.config.source_model_type)
             problems = recipe.context_problems(model.config.max_position_embeddings)
@@ -199,7 +199,7 @@ def validate_outputs(folder: Path, recipe: Recipe, tokenizer, model, note: str, 
         windows[name] = evaluation_windows(recipe.model_copy(update={"evaluation": ev}), tokenizer)
     others, gptq_model = [], None
     if "gptq" in val.runtimes:
-        gptq_model = load_model(str(folder / "gptq"), stream=recipe.model.stream)
+        gptq_model = load_model(str(folder / "gptq"), stream=recipe.streams())
         others.append(torch_runtime("gptq", gptq_model, "reloaded checkpoint"))
     if "onnxruntime" in val.runtimes:
         others.append(onnx_runtime(folder / "onnx"))
@@ -262,7 +262,7 @@ def validate_dir(folder: str | Path) -> dict:
     if not ref_dir.is_dir():
         raise InputError(f"{folder} has neither gptq/ nor hf/: export a PyTorch target to validate against")
     result = validate_outputs(folder, recipe, load_tokenizer(str(ref_dir)),
-                              load_model(str(ref_dir), stream=recipe.model.stream), f"reloaded {ref_dir.name}/")
+                              load_model(str(ref_dir), stream=recipe.streams()), f"reloaded {ref_dir.name}/")
     (folder / "validation.json").write_text(json.dumps(result, indent=1) + "\n")
     (folder / "validation.md").write_text(report.validation_markdown(result))
     return result

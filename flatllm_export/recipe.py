@@ -42,8 +42,11 @@ class ModelSection(Strict):
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     device: str = Field("cpu", description="where each decoder layer is computed (with stream: only the current "
                         "layer is there)")
-    stream: bool = Field(False, description="read decoder layers from the safetensors files one at a time and write "
-                         "changed layers to stream_dir: memory holds embeddings, lm_head and one layer")
+    stream: Optional[bool] = Field(None, description="read decoder layers from the safetensors files one at a time "
+                                   "and write changed layers to stream_dir: memory holds embeddings, lm_head and "
+                                   "one layer, with bitwise the same results. Default (unset): true, except with "
+                                   "evaluation.tasks (lm-eval scores a model held in memory); false: every weight "
+                                   "in memory")
     stream_dir: Optional[str] = Field(None, description="where streamed layers are written while the run works "
                                       "(default: inside the output folder; removed when the run ends)")
 
@@ -257,6 +260,12 @@ class Recipe(Strict):
                        "evaluation.allow_beyond_context: true to measure beyond it on purpose")
         return out
 
+    def streams(self) -> bool:
+        """model.stream resolved: as set, else true unless evaluation.tasks needs the whole model in memory."""
+        if self.model.stream is not None:
+            return self.model.stream
+        return not (self.evaluation is not None and self.evaluation.tasks)
+
     def uses_calibration(self) -> bool:
         return self.compression is not None or self.quantization is not None
 
@@ -269,7 +278,7 @@ class Recipe(Strict):
     @model_validator(mode="after")
     def _cross(self) -> "Recipe":
         targets = self.export.targets if self.export else []
-        if self.model.stream and self.evaluation is not None and self.evaluation.tasks:
+        if self.model.stream is True and self.evaluation is not None and self.evaluation.tasks:
             raise ValueError("evaluation.tasks scores the whole model in memory (lm-eval's HFLM): it cannot run with "
                              "model.stream: true; remove evaluation.tasks or set model.stream: false")
         if "gptq" in targets and self.quantization is None:

@@ -179,3 +179,10 @@ def test_onnxruntime_genai_runtime_needs_an_export_it_can_hold():
                            "validation": val})
         assert ok.validation.runtimes == ["torch", "onnxruntime-genai"]
 
+
+def test_streaming_is_the_default_unless_tasks_need_the_model_in_memory():
+    assert parse_recipe(GOOD).streams()
+    assert not parse_recipe({**GOOD, "model": {"path": "ref-llama", "stream": False}}).streams()
+    tasks = {**GOOD, "evaluation": {"seqlen": 128, "tasks": ["shakespeare_nextline"]}}
+    assert not parse_recipe(tasks).streams()
+    bad({**tasks, "model": {"path": "ref-llama", "stream": True}}, "evaluation.tasks", "model.stream: false")
