@@ -91,3 +91,22 @@ def test_the_orchestration_is_imported_from_above_only():
     for a, targets in import_graph().items():
         for b in targets & set(ORCHESTRATION):
             assert a in ORCHESTRATION and ORCHESTRATION[a] < ORCHESTRATION[b], f"{a} imports {b}"
+
+
+def test_rmsnorm_and_rotary_math_written_once():
+    """RMSNorm's arithmetic is one function (modeling_flatllm.rms_norm, LlamaRMSNorm's to the bit) that the ONNX
+    graph and the float64 reference call; rotate-half is transformers' own."""
+    import torch
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from flatllm_export.modeling.modeling_flatllm import rms_norm
+
+    sources = {name: path.read_text() for name, path in modules().items()}
+    assert [n for n, text in sources.items() if "rsqrt(" in text] == ["flatllm_export.modeling.modeling_flatllm"]
+    assert not [n for n, text in sources.items() if "[-x2,x1]" in text.replace(" ", "")]
+    norm = LlamaRMSNorm(64, eps=1e-5)
+    norm.weight.data = torch.randn(64, generator=torch.Generator().manual_seed(0))
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(3, 5, 64).to(dtype)
+        assert torch.equal(norm.to(dtype)(x), rms_norm(x, norm.weight.to(dtype), 1e-5))
+
