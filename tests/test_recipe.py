@@ -7,6 +7,8 @@ import yaml
 from flatllm_export.preflight import preflight
 from flatllm_export.recipe import RecipeError, apply_overrides, load_recipe, parse_recipe
 
+from .conftest import ROOT
+
 GOOD = {"model": {"path": "ref-llama"}, "evaluation": {"seqlen": 128}}
 
 
@@ -186,3 +188,9 @@ def test_streaming_is_the_default_unless_tasks_need_the_model_in_memory():
     tasks = {**GOOD, "evaluation": {"seqlen": 128, "tasks": ["shakespeare_nextline"]}}
     assert not parse_recipe(tasks).streams()
     bad({**tasks, "model": {"path": "ref-llama", "stream": True}}, "evaluation.tasks", "model.stream: false")
+
+
+def test_the_70b_recipe_streams_its_layers():
+    """Llama-2-70B in bfloat16 is ~138 GB: its recipe streams the decoder (one layer on the GPU at a time)."""
+    recipe = load_recipe(ROOT / "recipes" / "llama-2-70b-flatllm.yaml")
+    assert recipe.streams() and recipe.model.device == "cuda" and not recipe.evaluation.tasks
