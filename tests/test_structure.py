@@ -110,3 +110,15 @@ def test_rmsnorm_and_rotary_math_written_once():
         x = torch.randn(3, 5, 64).to(dtype)
         assert torch.equal(norm.to(dtype)(x), rms_norm(x, norm.weight.to(dtype), 1e-5))
 
+
+def test_peak_rss_from_getrusage_is_bytes_everywhere(monkeypatch):
+    import sys
+
+    from flatllm_export.stages import maxrss_bytes
+
+    monkeypatch.setattr(sys, "platform", "darwin")  # macOS reports bytes
+    assert maxrss_bytes(5 << 20) == 5 << 20
+    monkeypatch.setattr(sys, "platform", "linux")  # Linux reports KiB
+    assert maxrss_bytes(5 << 10) == 5 << 20
+    scripts = [p for p in (ROOT / "scripts").glob("*.py") if "ru_maxrss / 1024" in p.read_text()]
+    assert not scripts, f"{scripts} read ru_maxrss as KiB on every platform: use stages.maxrss_bytes"
