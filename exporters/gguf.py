@@ -24,8 +24,8 @@ import torch
 from flatllm_export.modeling.modeling_flatllm import HeadwiseLowRank, LowRankLinear
 from flatllm_export.modeling.streaming import layers_of
 from flatllm_export.quantize.ggml import BLOCK, GGML_TYPES, ggml_blocker, ggml_blocks, pad_heads, rope_row_order
-from flatllm_export.quantize.gptq import QuantizedWeight
-from flatllm_export.quantize.qlinear import QuantLinear
+from flatllm_export.modeling.packing import QuantizedWeight
+from flatllm_export.modeling.qlinear import QuantLinear
 
 from . import ExportContext, ExportError, register
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from flatllm_export.dtypes import DTYPES
 from flatllm_export.modeling.loading import load_model
 from flatllm_export.modeling.streaming import is_streamed
-from flatllm_export.quantize.checkpoint import gptq_state_dict, is_quantized, write_quantize_config
+from flatllm_export.modeling.gptq_checkpoint import gptq_state_dict, is_quantized, write_quantize_config
 
 from . import ExportContext, ExportError, check_reload, register
 from .hf import write_model_files

@@ -13,8 +13,8 @@ from flatllm_export.modeling import configuration_flatllm, modeling_flatllm
 from flatllm_export.modeling.loading import load_model
 from flatllm_export.modeling.shards import model_parts, write_sharded
 from flatllm_export.modeling.streaming import is_streamed
-from flatllm_export.quantize.checkpoint import dequantized_state_dict
-from flatllm_export.quantize.qlinear import QuantLinear
+from flatllm_export.modeling.gptq_checkpoint import dequantized_state_dict
+from flatllm_export.modeling.qlinear import QuantLinear
 
 from . import ExportContext, check_reload, register
 

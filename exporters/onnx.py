@@ -28,7 +28,7 @@ import torch
 from flatllm_export.emulation import Arithmetic
 from flatllm_export.modeling.streaming import layers_of
 from flatllm_export.parity import DEFAULT_K, DTYPE_OF_KIND, judge_layers, judge_logits, onnx_floor_kind
-from flatllm_export.quantize.qlinear import QuantLinear
+from flatllm_export.modeling.qlinear import QuantLinear
 from flatllm_export.runtime.ort import META_FILE, META_FORMAT
 
 from . import DEFAULT_ACCURACY_LEVEL, ExportContext, ExportError, register

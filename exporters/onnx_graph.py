@@ -25,8 +25,8 @@ from torch import nn
 from flatllm_export.modeling.modeling_flatllm import attention_mask_4d
 from flatllm_export.emulation import head_tables
 from flatllm_export.modeling.streaming import layers_of
-from flatllm_export.quantize.gptq import QuantizedWeight
-from flatllm_export.quantize.qlinear import QuantLinear
+from flatllm_export.modeling.packing import QuantizedWeight
+from flatllm_export.modeling.qlinear import QuantLinear
 
 from . import DEFAULT_ACCURACY_LEVEL, ExportError
 from .onnx_ops import (FusedNorm, MatMulNBitsLinear, QuantEmbedding, RotaryCache, attention,

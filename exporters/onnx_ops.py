@@ -17,9 +17,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.models.llama.modeling_llama import rotate_half
 
-from flatllm_export.modeling.modeling_flatllm import attention_mask_4d
-from flatllm_export.quantize.gptq import QuantizedWeight
+from flatllm_export.modeling.modeling_flatllm import attention_mask_4d, rms_norm
+from flatllm_export.modeling.packing import QuantizedWeight
 from flatllm_export.quantize.matmulnbits import to_matmulnbits
 
 TMP_DOMAIN = "flatllm.opset23"
@@ -151,14 +152,6 @@ class QuantEmbedding(nn.Module):
         return _GatherBlockQuantized.apply(ids, self.data, self.scales, self.weight, self.bits, self.block_size)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """Llama's RMSNorm, computed as LlamaRMSNorm does (float32 statistics)."""
-    dtype = x.dtype
-    x = x.float()
-    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * x.to(dtype)
-
-
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
@@ -206,8 +199,7 @@ def rotate(x, position_ids, cos_cache, sin_cache, heads: int) -> torch.Tensor:
     xs = x.unflatten(-1, (heads, -1))  # (B, T, h, d)
     cos = torch.cat([cos_cache[position_ids]] * 2, -1).unsqueeze(2).to(x.dtype)  # (B, T, 1, d)
     sin = torch.cat([sin_cache[position_ids]] * 2, -1).unsqueeze(2).to(x.dtype)
-    x1, x2 = xs.chunk(2, -1)
-    return (xs * cos + torch.cat([-x2, x1], -1) * sin).flatten(-2)
+    return (xs * cos + rotate_half(xs) * sin).flatten(-2)
 
 
 class _Rotary(torch.autograd.Function):

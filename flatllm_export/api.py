@@ -21,6 +21,7 @@ from .recipe import Recipe, RecipeError, dump_recipe
 from .files import OutputDir, finished_folder, read_json
 from .stages import StageLog, pin_mmap_threshold
 from .parity import DEFAULT_K
+from .preflight import preflight
 from .validate import PROMPT_TOKENS, genai_runtime, llamacpp_runtime, onnx_runtime, parity, torch_runtime
 
 RUN_FORMAT = "flatllm-export-run/1"  # report.json's "format": validate refuses a run folder of any other
@@ -38,17 +39,14 @@ def calibration_windows(recipe: Recipe, tokenizer) -> torch.Tensor:
     return data.calibration_windows(tokens, cal.nsamples, cal.seqlen, cal.seed)
 
 
-def _evaluate(model, tokenizer, recipe: Recipe, windows: torch.Tensor, point: str, rep: dict) -> dict:
-    """Perplexity on the windows (returned) and, with evaluation.tasks, lm-eval task accuracy into rep['tasks']."""
+def _evaluate(model, tokenizer, recipe: Recipe, windows: torch.Tensor, point: str) -> tuple[dict, dict | None]:
+    """Perplexity on the windows and, with evaluation.tasks, lm-eval's results per task (None without tasks)."""
     stats = model_perplexity(model, windows, recipe.evaluation.batch_size, recipe.model.device, desc=f"ppl {point}")
-    if recipe.evaluation.tasks:
-        from . import lmeval
+    if not recipe.evaluation.tasks:
+        return stats, None
+    from . import lmeval
 
-        res = lmeval.evaluate_tasks(lmeval.hf_lm(model, tokenizer, recipe.evaluation.batch_size), recipe.evaluation)
-        rep.setdefault("tasks", {})[point] = {t: {k: v for k, v in r.items() if k != "correct"}
-                                             for t, r in res.items()}
-        rep["_last_task_results"] = res  # the model as exported: validation's torch row (popped before writing)
-    return stats
+    return stats, lmeval.evaluate_tasks(lmeval.hf_lm(model, tokenizer, recipe.evaluation.batch_size), recipe.evaluation)
 
 
 def activations(recipe: Recipe):
@@ -64,7 +62,7 @@ def activations(recipe: Recipe):
 def layer_folder(recipe: Recipe, work: Path):
     """Where a streamed run writes its changed layers: a fresh folder in model.stream_dir or in the work folder;
     removed when the run ends (the output folder holds only the exports)."""
-    if not recipe.model.stream:
+    if not recipe.streams():
         yield None
         return
     if recipe.model.stream_dir:
@@ -83,8 +81,10 @@ def run(recipe: Recipe, output: str | Path, overwrite: bool = False, keep_failed
     """Run every section the recipe has; returns the report (also written as report.json / report.md)."""
     out = OutputDir(output, overwrite, keep_failed, marker="report.json")
     out.check()  # before any work
-    pin_mmap_threshold()  # freed tensors go back to the system during the run (stages.pin_mmap_threshold)
     log = StageLog()
+    with log.stage("preflight") as st:  # the recipe against this machine, every task's data loaded (hub tasks too)
+        st.update(preflight(recipe, load_task_data=True))
+    pin_mmap_threshold()  # freed tensors go back to the system during the run (stages.pin_mmap_threshold)
     rep: dict = {"format": RUN_FORMAT, "recipe": recipe.model_dump(exclude_none=True),
                  "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                  "environment": {"python": platform.python_version(), "torch": torch.__version__,
@@ -93,14 +93,9 @@ def run(recipe: Recipe, output: str | Path, overwrite: bool = False, keep_failed
         rep["warnings"] = recipe.warnings()
     with out as work, layer_folder(recipe, work) as layers:
         (work / "recipe.yaml").write_text(dump_recipe(recipe))
-        if recipe.evaluation and recipe.evaluation.tasks:
-            from .lmeval import check_tasks
-
-            with log.stage("tasks") as st:  # every task's data loaded (hub tasks too) before any model work
-                st.update(documents=check_tasks(recipe.evaluation, load_data=True))
         with log.stage("load") as st:
-            model = load_model(recipe.model.path, recipe.model.dtype, "cpu" if recipe.model.stream else
-                               recipe.model.device, stream=recipe.model.stream, work_dir=layers)
+            model = load_model(recipe.model.path, recipe.model.dtype, "cpu" if recipe.streams() else
+                               recipe.model.device, stream=recipe.streams(), work_dir=layers)
             tokenizer = load_tokenizer(recipe.model.path)
             st.update(path=model.name_or_path, source_model_type=model.config.source_model_type)
             problems = recipe.context_problems(model.config.max_position_embeddings)
@@ -109,83 +104,111 @@ def run(recipe: Recipe, output: str | Path, overwrite: bool = False, keep_failed
         rep["model"] = {"path": recipe.model.path, "layers": model.config.num_hidden_layers,
                         "parameters": accounting.model_params(model),
                         "decoder_linear_params": accounting.decoder_linear_params(model.config)}
-        eval_windows = None
-        if recipe.evaluation:
-            with log.stage("evaluate_dense") as st:
-                eval_windows = evaluation_windows(recipe, tokenizer)
-                st.update(_evaluate(model, tokenizer, recipe, eval_windows, "dense", rep))
-            rep["perplexity"] = {"dense": log.stages["evaluate_dense"]["ppl"]}
-        calib = None
-        if recipe.compression:
-            from .compress import compress
+        published = set()  # stages whose whole entry is a section of the report: listed in "stages" by time only
+        eval_windows, calib, torch_tasks = None, None, None
 
-            with log.stage("calibration_data") as st:
-                calib = calibration_windows(recipe, tokenizer)
-                st.update(windows=list(calib.shape))
-            with log.stage("compress") as st, activations(recipe):
-                # GPTQ packing wants every linear's in/out a multiple of 32, and int4 kernels (GPTQModel's CPU
-                # kernel, for one) want in_features a multiple of the group size: shape the ranks for both
-                q = recipe.quantization
-                multiple = (math.lcm(32, q.group_size) if q.group_size > 0 else 32) if q else 1
-                st.update(compress(model, calib, recipe.compression, recipe.model.device,
-                                   recipe.calibration.batch_size, multiple))
-            rep["compression"] = log.stages["compress"]
-            rep["model"]["parameters_after"] = accounting.model_params(model)
-            report.plot_allocation(rep["compression"], work / "allocation.png")
-            if eval_windows is not None:
-                with log.stage("evaluate_compressed") as st:
-                    st.update(_evaluate(model, tokenizer, recipe, eval_windows, "compressed", rep))
-                rep["perplexity"]["compressed"] = log.stages["evaluate_compressed"]["ppl"]
-        if recipe.quantization:
-            from .quantize import quantize_model
+        def evaluate(point: str) -> None:
+            """Perplexity (and tasks) of the model as it is now, as point ``point`` of the report."""
+            nonlocal eval_windows, torch_tasks
+            if recipe.evaluation is None:
+                return
+            with log.stage(f"evaluate_{point}") as st:
+                if eval_windows is None:
+                    eval_windows = evaluation_windows(recipe, tokenizer)
+                stats, torch_tasks = _evaluate(model, tokenizer, recipe, eval_windows, point)
+                st.update(stats)
+            rep.setdefault("perplexity", {})[point] = stats["ppl"]
+            if torch_tasks is not None:  # the last point's results are the exported model's: validation's torch row
+                rep.setdefault("tasks", {})[point] = {t: {k: v for k, v in r.items() if k != "correct"}
+                                                     for t, r in torch_tasks.items()}
 
+        def calibration() -> torch.Tensor:
+            nonlocal calib
             if calib is None:
                 with log.stage("calibration_data") as st:
                     calib = calibration_windows(recipe, tokenizer)
                     st.update(windows=list(calib.shape))
-            with log.stage("quantize") as st, activations(recipe):
-                # a quantized lm_head of the model's own bit width is GPTQ-calibrated here (the checkpoint formats
-                # hold one bit width); another width is rounded to nearest by the ONNX exporter
-                head_bits = {"int4": 4, "int8": 8}.get(recipe.head_format("lm_head"))
-                st.update(quantize_model(model, calib, recipe.quantization, recipe.model.device,
-                                         recipe.calibration.batch_size,
-                                         lm_head_bits=head_bits if head_bits == recipe.quantization.bits else None))
-            rep["quantization"] = {k: v for k, v in log.stages["quantize"].items() if k != "layers"}
-            if eval_windows is not None:
-                with log.stage("evaluate_quantized") as st:
-                    st.update(_evaluate(model, tokenizer, recipe, eval_windows, "quantized", rep))
-                rep["perplexity"]["quantized"] = log.stages["evaluate_quantized"]["ppl"]
-        if recipe.export:
-            from exporters import ExportContext, export
+            return calib
 
-            sample = eval_windows[:2, :64] if eval_windows is not None else torch.randint(
-                0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
-            ctx = ExportContext(dtype=recipe.export.dtype, sample=sample,
-                                noise_k=recipe.validation.noise_k if recipe.validation else DEFAULT_K,
-                                extra={"accuracy_level": recipe.export.accuracy_level,
-                                       "embedding": recipe.head_format("embedding"),
-                                       "lm_head": recipe.head_format("lm_head"),
-                                       "pad_value_cache": recipe.export.pad_value_cache,
-                                       "attention": recipe.export.attention})
-            rep["exports"] = {}
-            for target in recipe.export.targets:
-                with log.stage(f"export_{target}") as st:
-                    st.update(export(target, model, tokenizer, work / target, ctx))
-                rep["exports"][target] = log.stages[f"export_{target}"]
+        evaluate("dense")
+        if recipe.compression:
+            rep["compression"] = compress_stage(model, calibration(), recipe, log)
+            published.add("compress")
+            rep["model"]["parameters_after"] = accounting.model_params(model)
+            report.plot_allocation(rep["compression"], work / "allocation.png")
+            evaluate("compressed")
+        if recipe.quantization:
+            rep["quantization"] = quantize_stage(model, calibration(), recipe, log)
+            published.add("quantize")
+            evaluate("quantized")
+        if recipe.export:
+            rep["exports"] = export_stages(model, tokenizer, recipe, eval_windows, work, log)
+            published.update(f"export_{t}" for t in recipe.export.targets)
         if recipe.validation:
             with log.stage("validate") as st:
-                st.update(validate_outputs(work, recipe, tokenizer, model, "in memory",
-                                           rep.get("_last_task_results")))
+                st.update(validate_outputs(work, recipe, tokenizer, model, "in memory", torch_tasks))
             rep["validation"] = log.stages["validate"]
-        rep.pop("_last_task_results", None)
+            published.add("validate")
         if layers is not None:  # (layer_folder removes the layer files before the output folder is completed)
             rep["model"]["streamed_layer_loads"] = model.layer_store.loads
             rep["model"]["most_layers_in_memory"] = model.layer_store.peak_live
-        rep["stages"] = log.stages
+        rep["stages"] = {name: {k: v for k, v in entry.items() if name not in published or k in TIMING}
+                         for name, entry in log.stages.items()}
         rep["total_seconds"] = round(sum(s["seconds"] for s in log.stages.values()), 2)
         (work / "report.json").write_text(json.dumps(rep, indent=1) + "\n")
         (work / "report.md").write_text(report.markdown(rep))
     return rep
+
+
+TIMING = ("seconds", "peak_rss_mb", "start_rss_mb", "peak_cuda_mb")
+
+
+def compress_stage(model, calib: torch.Tensor, recipe: Recipe, log: StageLog) -> dict:
+    from .compress import compress
+
+    with log.stage("compress") as st, activations(recipe):
+        # GPTQ packing wants every linear's in/out a multiple of 32, and int4 kernels (GPTQModel's CPU kernel, for
+        # one) want in_features a multiple of the group size: shape the ranks for both
+        q = recipe.quantization
+        multiple = (math.lcm(32, q.group_size) if q.group_size > 0 else 32) if q else 1
+        st.update(compress(model, calib, recipe.compression, recipe.model.device, recipe.calibration.batch_size,
+                           multiple))
+    return st
+
+
+def quantize_stage(model, calib: torch.Tensor, recipe: Recipe, log: StageLog) -> dict:
+    """GPTQ of the model in place; returns the report's quantization section."""
+    from .quantize import quantize_model
+
+    with log.stage("quantize") as st, activations(recipe):
+        # a quantized lm_head of the model's own bit width is GPTQ-calibrated here (the checkpoint formats hold one
+        # bit width); another width is rounded to nearest by the ONNX exporter
+        head_bits = {"int4": 4, "int8": 8}.get(recipe.head_format("lm_head"))
+        st.update(quantize_model(model, calib, recipe.quantization, recipe.model.device,
+                                 recipe.calibration.batch_size,
+                                 lm_head_bits=head_bits if head_bits == recipe.quantization.bits else None))
+    return st
+
+
+def export_stages(model, tokenizer, recipe: Recipe, eval_windows: torch.Tensor | None, work: Path,
+                  log: StageLog) -> dict:
+    """Every export target of the recipe, each a stage; {target: its report}."""
+    from exporters import ExportContext, export
+
+    sample = eval_windows[:2, :64] if eval_windows is not None else torch.randint(
+        0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    ctx = ExportContext(dtype=recipe.export.dtype, sample=sample,
+                        noise_k=recipe.validation.noise_k if recipe.validation else DEFAULT_K,
+                        extra={"accuracy_level": recipe.export.accuracy_level,
+                               "embedding": recipe.head_format("embedding"), "lm_head": recipe.head_format("lm_head"),
+                               "pad_value_cache": recipe.export.pad_value_cache,
+                               "attention": recipe.export.attention})
+    exports = {}
+    for target in recipe.export.targets:
+        with log.stage(f"export_{target}") as st:
+            st.update(export(target, model, tokenizer, work / target, ctx))
+        exports[target] = st
+    return exports
 
 
 def validate_outputs(folder: Path, recipe: Recipe, tokenizer, model, note: str, torch_tasks: dict | None = None
@@ -201,7 +224,7 @@ def validate_outputs(folder: Path, recipe: Recipe, tokenizer, model, note: str, 
         windows[name] = evaluation_windows(recipe.model_copy(update={"evaluation": ev}), tokenizer)
     others, gptq_model = [], None
     if "gptq" in val.runtimes:
-        gptq_model = load_model(str(folder / "gptq"), stream=recipe.model.stream)
+        gptq_model = load_model(str(folder / "gptq"), stream=recipe.streams())
         others.append(torch_runtime("gptq", gptq_model, "reloaded checkpoint"))
     if "onnxruntime" in val.runtimes:
         others.append(onnx_runtime(folder / "onnx"))
@@ -264,7 +287,7 @@ def validate_dir(folder: str | Path) -> dict:
     if not ref_dir.is_dir():
         raise InputError(f"{folder} has neither gptq/ nor hf/: export a PyTorch target to validate against")
     result = validate_outputs(folder, recipe, load_tokenizer(str(ref_dir)),
-                              load_model(str(ref_dir), stream=recipe.model.stream), f"reloaded {ref_dir.name}/")
+                              load_model(str(ref_dir), stream=recipe.streams()), f"reloaded {ref_dir.name}/")
     (folder / "validation.json").write_text(json.dumps(result, indent=1) + "\n")
     (folder / "validation.md").write_text(report.validation_markdown(result))
     return result

@@ -78,6 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         for warning in recipe.warnings():
             print(f"warning: {warning}", file=sys.stderr)
         if args.command == "check":
+            from .preflight import preflight
+
+            preflight(recipe, args.recipe)
             print(f"recipe {args.recipe} is valid: sections "
                   f"{', '.join(k for k, v in recipe.model_dump(exclude_none=True).items())}")
             return 0

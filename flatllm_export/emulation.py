@@ -25,8 +25,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .quantize.gptq import QuantizedWeight, quantize_rtn
-from .quantize.qlinear import QuantLinear
+from .modeling.packing import QuantizedWeight
+from .quantize.gptq import quantize_rtn
+from .modeling.qlinear import QuantLinear
 
 TABLE_BITS = {"float": None, "int8": 8, "int4": 4}  # the export's formats of the embedding / an lm_head it rounds
 

@@ -1,11 +1,10 @@
-"""Recipes: YAML -> a typed, self-checking Recipe. Unknown keys, wrong types, out-of-range values and missing
-files fail before any work starts, with the key path, the bad value and what is allowed."""
+"""Recipes: YAML -> a typed, self-checking Recipe. Unknown keys, wrong types, out-of-range values and sections
+that contradict each other fail here, with the key path, the bad value and what is allowed. Parsing reads no
+model, folder or task: what a recipe needs of this machine is checked by preflight.py, before any work."""
 
 from __future__ import annotations
 
 import copy
-import os
-import tempfile
 from pathlib import Path
 from typing import Literal, Optional, Union
 
@@ -19,8 +18,6 @@ from .compress.flatllm import DEFAULT_VARIANT, OPTION_KEYS, resolve_options
 from .dtypes import DTYPES
 from .errors import UserError
 from .lmeval import DEFAULT_TASK_TOLERANCE
-from .modeling.gguf_import import inspect_gguf
-from .modeling.loading import SHORT_NAMES, check_model_folder
 from .parity import DEFAULT_K
 
 
@@ -39,49 +36,19 @@ def _check_dataset(value: str) -> str:
     raise ValueError(f"'{value}' is neither a known dataset ({', '.join(known)}) nor an existing text file or glob")
 
 
-def _writable_folder(v: Optional[str]) -> Optional[str]:
-    """A folder that exists and can be written, or can be made inside one that can."""
-    if v is None:
-        return v
-    path = Path(os.path.expanduser(v)).absolute()
-    parent = next(p for p in (path, *path.parents) if p.exists())
-    if not parent.is_dir():
-        raise ValueError(f"'{v}' is not a folder ({parent} is a file): give a folder")
-    try:  # try it: permission bits say nothing to root, and a read-only file system only shows on writing
-        tempfile.TemporaryDirectory(dir=parent).cleanup()
-    except OSError as exc:
-        raise ValueError(f"'{v}' is not writable ({parent}: {exc.strerror}): give a folder you can write to") from None
-    return v
-
-
 class ModelSection(Strict):
     path: str = Field(description="local HF folder, .gguf file, short name (ref-llama, ref-gqa, smollm2-135m) "
                       "or hub id")
     dtype: Literal["float32", "float16", "bfloat16"] = "float32"
     device: str = Field("cpu", description="where each decoder layer is computed (with stream: only the current "
                         "layer is there)")
-    stream: bool = Field(False, description="read decoder layers from the safetensors files one at a time and write "
-                         "changed layers to stream_dir: memory holds embeddings, lm_head and one layer")
+    stream: Optional[bool] = Field(None, description="read decoder layers from the safetensors files one at a time "
+                                   "and write changed layers to stream_dir: memory holds embeddings, lm_head and "
+                                   "one layer, with bitwise the same results. Default (unset): true, except with "
+                                   "evaluation.tasks (lm-eval scores a model held in memory); false: every weight "
+                                   "in memory")
     stream_dir: Optional[str] = Field(None, description="where streamed layers are written while the run works "
                                       "(default: inside the output folder; removed when the run ends)")
-
-    _stream_dir = field_validator("stream_dir")(classmethod(lambda cls, v: _writable_folder(v)))
-
-    @field_validator("path")
-    @classmethod
-    def _path(cls, v: str) -> str:
-        if v in SHORT_NAMES:
-            return v
-        if os.path.isdir(os.path.expanduser(v)):
-            check_model_folder(os.path.expanduser(v))  # config.json readable and supported, weights present
-            return v
-        if v.endswith(".gguf"):
-            inspect_gguf(os.path.expanduser(v))  # exists, is GGUF, is whole, is llama / mistral
-            return v
-        if v.startswith((".", "/", "~")) or v.count("/") != 1:
-            raise ValueError(f"'{v}' is not an existing model folder, a .gguf file, a short name "
-                             f"({', '.join(SHORT_NAMES)}) or a hub id like 'meta-llama/Llama-2-7b-hf'")
-        return v  # a hub id: checked when downloaded
 
     @field_validator("device")
     @classmethod
@@ -104,7 +71,6 @@ class CalibrationSection(Strict):
                                      "this folder (for activations larger than memory); removed when done")
 
     _dataset = field_validator("dataset")(classmethod(lambda cls, v: _check_dataset(v)))
-    _spill_dir = field_validator("spill_dir")(classmethod(lambda cls, v: _writable_folder(v)))
 
 
 class TaskEntry(Strict):
@@ -140,23 +106,11 @@ class EvaluationSection(Strict):
     def _task_names(cls, v):
         return [{"name": t} if isinstance(t, str) else t for t in v] if isinstance(v, list) else v
 
-    @field_validator("task_paths")
-    @classmethod
-    def _task_paths(cls, v: list[str]) -> list[str]:
-        missing = [p for p in v if not os.path.isdir(os.path.expanduser(p))]
-        if missing:
-            raise ValueError(f"{missing} not a folder: give folders that hold lm-eval task YAML files")
-        return v
-
     @model_validator(mode="after")
-    def _tasks_known(self) -> "EvaluationSection":
-        if self.tasks:
-            from .lmeval import check_tasks
-
-            names = [t.name for t in self.tasks]
-            if len(set(names)) != len(names):
-                raise ValueError(f"evaluation.tasks repeats a task: {names}")
-            check_tasks(self)  # names known; local tasks' data loaded and limits checked against their size
+    def _tasks_once(self) -> "EvaluationSection":
+        names = [t.name for t in self.tasks]  # whether they are known is checked by preflight
+        if len(set(names)) != len(names):
+            raise ValueError(f"evaluation.tasks repeats a task: {names}")
         return self
 
 
@@ -238,17 +192,14 @@ class ExportSection(Strict):
     @field_validator("targets")
     @classmethod
     def _targets(cls, v: list[str]) -> list[str]:
-        from exporters import TARGETS, missing_requirement
+        from exporters import TARGETS
 
         unknown = [t for t in v if t not in TARGETS]
         if unknown:
             raise ValueError(f"unknown export target(s) {unknown}; available: {sorted(TARGETS)}")
         if len(set(v)) != len(v):
             raise ValueError(f"targets repeat: {v}")
-        missing = [m for m in map(missing_requirement, v) if m]
-        if missing:
-            raise ValueError("; ".join(missing))
-        return v
+        return v  # whether their packages are installed is checked by preflight
 
 
 REMOVED_VALIDATION_KEYS = ("max_ppl_rel_diff", "max_ppl_rel_diff_lowp", "max_logit_diff")
@@ -309,6 +260,12 @@ class Recipe(Strict):
                        "evaluation.allow_beyond_context: true to measure beyond it on purpose")
         return out
 
+    def streams(self) -> bool:
+        """model.stream resolved: as set, else true unless evaluation.tasks needs the whole model in memory."""
+        if self.model.stream is not None:
+            return self.model.stream
+        return not (self.evaluation is not None and self.evaluation.tasks)
+
     def uses_calibration(self) -> bool:
         return self.compression is not None or self.quantization is not None
 
@@ -321,7 +278,7 @@ class Recipe(Strict):
     @model_validator(mode="after")
     def _cross(self) -> "Recipe":
         targets = self.export.targets if self.export else []
-        if self.model.stream and self.evaluation is not None and self.evaluation.tasks:
+        if self.model.stream is True and self.evaluation is not None and self.evaluation.tasks:
             raise ValueError("evaluation.tasks scores the whole model in memory (lm-eval's HFLM): it cannot run with "
                              "model.stream: true; remove evaluation.tasks or set model.stream: false")
         if "gptq" in targets and self.quantization is None:
@@ -334,11 +291,6 @@ class Recipe(Strict):
                              f"(got bits={q.bits}, desc_act={q.desc_act})")
         if "gguf" in targets:
             self._gguf_check(q)
-        from .modeling.loading import model_context
-
-        context = model_context(self.model.path)
-        if context is not None and self.context_problems(context):
-            raise ValueError("; ".join(self.context_problems(context)))
         if self.export and self.export.pad_value_cache and not onnx_targets:
             raise ValueError("export.pad_value_cache pads the ONNX value cache, but export.targets has no 'onnx'")
         if self.export and "attention" in self.export.model_fields_set and not onnx_targets:

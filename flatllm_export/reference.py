@@ -17,8 +17,9 @@ from torch import nn
 
 from .calibration import run_layers
 from .emulation import Arithmetic, exported_tables, emulated_layer
+from .modeling.modeling_flatllm import rms_norm
+from .modeling.qlinear import QuantLinear
 from .modeling.streaming import layers_of
-from .quantize.qlinear import QuantLinear
 
 EXACT = Arithmetic()
 
@@ -33,7 +34,7 @@ class RMSNorm64(nn.Module):
         self.weight, self.eps = nn.Parameter(weight.detach().to(torch.float64), requires_grad=False), eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps))
+        return rms_norm(x, self.weight, self.eps, stats_dtype=x.dtype)
 
 
 def _norm_eps(module: nn.Module) -> float:

@@ -14,6 +14,11 @@ import torch
 from .interrupts import raise_pending
 
 
+def maxrss_bytes(ru_maxrss: int) -> int:
+    """getrusage's ru_maxrss in bytes: it is bytes on macOS, KiB on Linux and the BSDs."""
+    return ru_maxrss if sys.platform == "darwin" else ru_maxrss * 1024
+
+
 def _rss_bytes() -> int:
     try:
         with open("/proc/self/statm") as f:
@@ -21,8 +26,7 @@ def _rss_bytes() -> int:
     except OSError:  # not Linux: fall back to the lifetime peak
         import resource
 
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
+        return maxrss_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 
 def _libc():

@@ -41,6 +41,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from flatllm_export.stages import maxrss_bytes  # noqa: E402
 
 DOCS = ROOT / "docs"
 OUT = ROOT / "out" / "bench_scale"
@@ -176,7 +177,7 @@ def build_model(folder: Path, s: dict) -> dict:
     info["built_seconds"] = round(time.time() - t0, 1)
     import resource
 
-    info["builder_peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    info["builder_peak_rss_mb"] = round(maxrss_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 2**20, 1)
     (folder / MARKER).write_text(json.dumps({"shape": s, "fp32_bytes": total, "built_seconds": info["built_seconds"],
                                              "builder_peak_rss_mb": info["builder_peak_rss_mb"],
                                              "tokenizer_from": str(tok_dir)}, indent=1) + "\n")
@@ -254,7 +255,7 @@ def run_recipe(run_id: str, recipe: dict, out_root: Path) -> dict:
     rep = json.loads(report_file.read_text())
     comp = rep.get("compression", {})
     return {"run": run_id, "exit_code": proc.returncode, "wall_seconds": round(wall, 1),
-            "process_peak_rss_mb": round(usage.ru_maxrss / 1024, 1), "output": str(output),
+            "process_peak_rss_mb": round(maxrss_bytes(usage.ru_maxrss) / 2**20, 1), "output": str(output),
             "stages": {k: {f: v[f] for f in ("seconds", "start_rss_mb", "peak_rss_mb", "peak_cuda_mb", "ppl") if f in v}
                        for k, v in rep["stages"].items()},
             "perplexity": rep.get("perplexity"), "model": rep.get("model"),

@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from flatllm_export.evaluate import perplexity  # noqa: E402
+from flatllm_export.stages import maxrss_bytes  # noqa: E402
 
 
 class Ours:
@@ -121,7 +122,7 @@ def peak_rss_mb() -> float:
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return maxrss_bytes(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) / 2**20
 
 
 def measure(runtime: str, path: str, inputs: dict, threads: int, new: int, new_long: int, ppl: bool) -> dict:

@@ -1,5 +1,6 @@
 import copy
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,7 +11,7 @@ from flatllm_export import accounting, data
 from flatllm_export.calibration import run_sequential
 from flatllm_export.compress import CompressionError, compress_flatllm
 from flatllm_export.compress.allocation import iprs, solve_mean_kept
-from flatllm_export.compress.flatllm import VARIANTS, FlatLLMLayerMethod, FlatLLMOptions, plan_shapes
+from flatllm_export.compress.flatllm import VARIANTS, FlatLLMLayerMethod, plan_shapes
 from flatllm_export.modeling import load_model
 
 from .conftest import REF_MODELS, ref_path, run_python
@@ -22,8 +23,9 @@ def calib(name_or_path, n=16, seqlen=128):
 
 
 OPTION_SETS = {"paper": VARIANTS["paper"], "ablation": VARIANTS["ablation"],
-               "attention-greedy-fp32": FlatLLMOptions(vo_basis="attention", mlp_select="greedy", stats_dtype="float32"),
-               "weighted": FlatLLMOptions(vo_basis="weighted", o_proj="lstsq", ridge_scale="trace")}
+               "attention-greedy-fp32": replace(VARIANTS["paper"], vo_basis="attention", mlp_select="greedy",
+                                                stats_dtype="float32"),
+               "weighted": replace(VARIANTS["paper"], vo_basis="weighted", o_proj="lstsq", ridge_scale="trace")}
 
 
 @pytest.mark.parametrize("name", REF_MODELS)

@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from flatllm_export.compress.allocation import iprs, solve_mean_kept, uniform
-from flatllm_export.compress.flatllm import (FlatLLMOptions, accumulate_head_covariance, fold_output_columns,
-                                             fold_value_basis, greedy_output_channels, headwise_lowrank, mlp_channels,
+from flatllm_export.compress.flatllm import (DEFAULT_VARIANT, VARIANTS, FlatLLMOptions, accumulate_head_covariance,
+                                             fold_output_columns, fold_value_basis, greedy_output_channels,
+                                             headwise_lowrank, mlp_channels,
                                              nystrom_mlp, pooled_group_covariance, resolve_options,
                                              ridge_leverage_scores, smooth_importance, solve_output_projection,
                                              top_eigenvectors, weighted_value_basis)
@@ -217,7 +218,11 @@ def test_importance_smoothing_moves_iprs_towards_uniform():
 
 
 def test_options_validate_and_resolve():
-    assert resolve_options("paper") == FlatLLMOptions()
+    # a bare FlatLLMOptions() is the library's default; 'paper' is the official code's algorithm, every choice
+    assert FlatLLMOptions() == resolve_options() == VARIANTS[DEFAULT_VARIANT]
+    assert vars(resolve_options("paper")) == {
+        "vo_basis": "values", "o_proj": "fold", "mlp_select": "leverage", "ridge": 1.0, "ridge_scale": "absolute",
+        "vo_scale": 1.0, "iprs_smoothing": 0.0, "importance_windows": 0, "stats_dtype": "float64"}
     assert resolve_options("paper", vo_scale=2.0, ridge=None).vo_scale == 2.0
     with pytest.raises(ValueError, match="compression.vo_basis"):
         FlatLLMOptions(vo_basis="keys")

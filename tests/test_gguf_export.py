@@ -15,6 +15,7 @@ from exporters.gguf import FILE
 from flatllm_export import data
 from flatllm_export.compress import compress
 from flatllm_export.modeling import load_model
+from flatllm_export.preflight import preflight
 from flatllm_export.quantize import quantize_model
 from flatllm_export.quantize.ggml import GGMLBlockError, ggml_blocks, pad_heads, rope_row_order
 from flatllm_export.quantize.gptq import quantize_rtn
@@ -175,7 +176,7 @@ def test_missing_binding_is_refused_with_the_install_command(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llama_cpp" else real(n, *a))
     with pytest.raises(RecipeError, match=r"pip install 'flatllm-export\[llamacpp\]'"):
-        parse_recipe(copy.deepcopy(BASE))
+        preflight(parse_recipe(copy.deepcopy(BASE)))
 
 
 def test_imported_model_keeps_its_gguf_tokenizer_metadata(tmp_path):

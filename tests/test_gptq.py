@@ -12,7 +12,7 @@ from flatllm_export.evaluate import model_perplexity
 from flatllm_export.modeling import load_model
 from flatllm_export.quantize import QuantizationError, quantize_model
 from flatllm_export.quantize.gptq import grid, quantize_weight
-from flatllm_export.quantize.packing import pack_rows, unpack_rows
+from flatllm_export.modeling.packing import pack_rows, unpack_rows
 from flatllm_export.recipe import QuantizationSection, parse_recipe
 
 
@@ -82,7 +82,7 @@ def test_work_in_chunks_gives_the_same_bits(bits, monkeypatch):
     """GPTQ rows, packing, unpacking and dequantization walk a weight a few rows at a time (bounded memory for
     an lm_head): with chunks of a few rows the results equal those of one chunk, bit for bit."""
     import flatllm_export.quantize.gptq as gptq_mod
-    import flatllm_export.quantize.packing as packing_mod
+    import flatllm_export.modeling.packing as packing_mod
 
     w, x, h = problem(out_f=96, in_f=128)
     h[5, :] = h[:, 5] = 0  # a dead input column, zeroed in every chunk
@@ -97,7 +97,7 @@ def test_work_in_chunks_gives_the_same_bits(bits, monkeypatch):
     assert diag["loss"] == pytest.approx(whole_diag["loss"], rel=1e-6)
     assert torch.equal(pack_rows(values, bits), packed)  # a transposed view, read 32 rows at a time
     assert torch.equal(unpack_rows(packed, bits), values.to(torch.int32))
-    monkeypatch.setattr(gptq_mod, "DEQUANT_CHUNK_ELEMENTS", 3 * 128)
+    monkeypatch.setattr(packing_mod, "DEQUANT_CHUNK_ELEMENTS", 3 * 128)
     assert torch.equal(chunked.dequantize(), deq)
 
 
@@ -164,7 +164,7 @@ def test_quantized_linear_computes_with_the_float16_bias_the_checkpoint_holds():
     """FLAP's compensated biases are float32 in memory but float16 in a GPTQ checkpoint: a QuantLinear rounds its
     bias when built, so the in-memory model and the reloaded checkpoint are the same model (the gptq exporter's
     reload check found the difference: 0.14 in SmolLM2's logits after FLAP 30%)."""
-    from flatllm_export.quantize.qlinear import QuantLinear
+    from flatllm_export.modeling.qlinear import QuantLinear
 
     w, _, h = problem()
     q, _ = quantize_weight(w, h, 4, 32, True, False, block_size=32)

@@ -10,7 +10,7 @@ from transformers.models.llama import modeling_llama
 from flatllm_export import reference
 from flatllm_export.emulation import Arithmetic, mlas_int8
 from flatllm_export.quantize.gptq import quantize_rtn
-from flatllm_export.quantize.qlinear import QuantLinear
+from flatllm_export.modeling.qlinear import QuantLinear
 from flatllm_export.modeling import load_model
 from flatllm_export.parity import greedy_divergence, judge, onnx_floor_kind
 from flatllm_export.quantize import quantize_model

@@ -19,7 +19,7 @@ from exporters import ExportContext, ExportError, check_reload, export
 from flatllm_export import data
 from flatllm_export.modeling import load_model
 from flatllm_export.quantize import quantize_model
-from flatllm_export.quantize.qlinear import QuantLinear
+from flatllm_export.modeling.qlinear import QuantLinear
 from flatllm_export.recipe import QuantizationSection, ValidationSection
 from flatllm_export.validate import onnx_runtime, parity, torch_runtime
 

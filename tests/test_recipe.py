@@ -4,7 +4,10 @@ import sys
 import pytest
 import yaml
 
+from flatllm_export.preflight import preflight
 from flatllm_export.recipe import RecipeError, apply_overrides, load_recipe, parse_recipe
+
+from .conftest import ROOT
 
 GOOD = {"model": {"path": "ref-llama"}, "evaluation": {"seqlen": 128}}
 
@@ -47,7 +50,41 @@ def test_missing_model_section():
 
 
 def test_missing_model_folder():
-    bad({"model": {"path": "./no/such/model"}}, "model.path", "not an existing model folder")
+    with pytest.raises(RecipeError, match="model.path: './no/such/model' is not an existing model folder"):
+        preflight(parse_recipe({"model": {"path": "./no/such/model"}}))
+
+
+def test_parsing_reads_nothing_and_preflight_names_every_problem(tmp_path, monkeypatch):
+    """A recipe parses without touching the file system, lm-eval or the installed packages; preflight (what
+    `check` and `run` do first) then reports each problem of this machine with its key path."""
+    import builtins
+    import importlib.util
+    import os
+    import tempfile
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    raw = {"model": {"path": str(tmp_path / "no-model"), "stream_dir": str(blocker / "sub")},
+           "calibration": {"spill_dir": str(blocker / "spill")}, "compression": {"ratio": 0.3},
+           "evaluation": {"seqlen": 64, "tasks": ["no_such_task"], "task_paths": [str(tmp_path / "no-tasks")]},
+           "export": {"targets": ["hf", "onnx"]}}
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"parsing did I/O: {args[:1]}")
+
+    with monkeypatch.context() as m:
+        for owner, name in ((builtins, "open"), (os, "stat"), (os, "scandir"), (os.path, "isdir"),
+                            (tempfile, "TemporaryDirectory"), (importlib.util, "find_spec")):
+            m.setattr(owner, name, refuse)
+        recipe = parse_recipe(raw)
+    assert recipe.model.stream_dir == str(blocker / "sub")
+    with pytest.raises(RecipeError) as err:
+        preflight(recipe, "r.yaml")
+    lines = str(err.value).splitlines()
+    assert lines[0] == "recipe r.yaml cannot run here:"
+    for key, needle in (("model.path", "is not an existing model folder"), ("model.stream_dir", "is a file"),
+                        ("calibration.spill_dir", "is a file"), ("evaluation.task_paths", "not a folder")):
+        assert any(line.startswith(f"  - {key}: ") and needle in line for line in lines), (key, lines)
 
 
 def test_missing_dataset_file():
@@ -143,3 +180,17 @@ def test_onnxruntime_genai_runtime_needs_an_export_it_can_hold():
         ok = parse_recipe({**GOOD, "compression": {"method": method}, "export": {"targets": targets},
                            "validation": val})
         assert ok.validation.runtimes == ["torch", "onnxruntime-genai"]
+
+
+def test_streaming_is_the_default_unless_tasks_need_the_model_in_memory():
+    assert parse_recipe(GOOD).streams()
+    assert not parse_recipe({**GOOD, "model": {"path": "ref-llama", "stream": False}}).streams()
+    tasks = {**GOOD, "evaluation": {"seqlen": 128, "tasks": ["shakespeare_nextline"]}}
+    assert not parse_recipe(tasks).streams()
+    bad({**tasks, "model": {"path": "ref-llama", "stream": True}}, "evaluation.tasks", "model.stream: false")
+
+
+def test_the_70b_recipe_streams_its_layers():
+    """Llama-2-70B in bfloat16 is ~138 GB: its recipe streams the decoder (one layer on the GPU at a time)."""
+    recipe = load_recipe(ROOT / "recipes" / "llama-2-70b-flatllm.yaml")
+    assert recipe.streams() and recipe.model.device == "cuda" and not recipe.evaluation.tasks

@@ -16,6 +16,7 @@ from flatllm_export import data
 from flatllm_export.api import run
 from flatllm_export.modeling import load_tokenizer
 from flatllm_export.modeling.loading import ModelLoadError
+from flatllm_export.preflight import preflight
 from flatllm_export.recipe import RecipeError, load_recipe, parse_recipe
 
 from .conftest import ROOT, ref_path, run_python
@@ -26,17 +27,21 @@ def cli(*args):
 
 
 def eval_recipe(path, **evaluation):
-    return parse_recipe({"model": {"path": str(path)}, "evaluation": {"seqlen": 64, "max_windows": 1, **evaluation}})
+    recipe = parse_recipe({"model": {"path": str(path)}, "evaluation": {"seqlen": 64, "max_windows": 1, **evaluation}})
+    preflight(recipe)
+    return recipe
 
 
 def test_missing_onnx_extra_refuses_only_its_targets():
     out = run_python("""
 import sys
 sys.modules["onnx"] = sys.modules["onnxruntime"] = None  # as if the onnx extra were not installed
+from flatllm_export.preflight import preflight
 from flatllm_export.recipe import RecipeError, parse_recipe
-parse_recipe({"model": {"path": "ref-llama"}, "export": {"targets": ["hf"]}})
+preflight(parse_recipe({"model": {"path": "ref-llama"}, "export": {"targets": ["hf"]}}))
+recipe = parse_recipe({"model": {"path": "ref-llama"}, "export": {"targets": ["hf", "onnx"]}})
 try:
-    parse_recipe({"model": {"path": "ref-llama"}, "export": {"targets": ["hf", "onnx"]}})
+    preflight(recipe)
 except RecipeError as exc:
     print(exc)
 """)
@@ -72,8 +77,8 @@ def test_windows_longer_than_the_context(tiny_model_dir):
         eval_recipe(tiny_model_dir, seqlen=1024)
     assert eval_recipe(tiny_model_dir, seqlen=1024, allow_beyond_context=True).evaluation.seqlen == 1024
     with pytest.raises(RecipeError, match=r"calibration.seqlen 2048 is longer than the model's context of 512"):
-        parse_recipe({"model": {"path": str(tiny_model_dir)}, "calibration": {"seqlen": 2048},
-                      "compression": {"ratio": 0.3}})
+        preflight(parse_recipe({"model": {"path": str(tiny_model_dir)}, "calibration": {"seqlen": 2048},
+                                "compression": {"ratio": 0.3}}))
 
 
 def test_unused_calibration_is_said():

@@ -100,7 +100,9 @@ def test_activation_storage_spill_is_exact_and_bfloat16_is_close(tmp_path):
 
 def _run_recipe(tmp_path, name, stream):
     raw = yaml.safe_load(Path("recipes/ref-gqa-full.yaml").read_text())
-    raw["model"]["stream"] = stream
+    raw["model"].pop("stream", None)
+    if stream is not None:  # None: the default
+        raw["model"]["stream"] = stream
     raw["calibration"].update(nsamples=16, seqlen=128)
     raw["evaluation"].update(seqlen=128, max_windows=4)
     raw["validation"]["generate_tokens"] = 8
@@ -109,10 +111,32 @@ def _run_recipe(tmp_path, name, stream):
     return run(parse_recipe(raw), tmp_path / name)
 
 
+def assert_each_part_once(rep: dict) -> None:
+    """No part of a report (a dict or list of more than 200 characters of JSON) is written twice: each section
+    once, the stages' entries for timing and what no section holds."""
+    seen = {}
+
+    def walk(node, path):
+        if isinstance(node, (dict, list)):
+            text = json.dumps(node, sort_keys=True)
+            if len(text) > 200:
+                assert text not in seen, f"{path} repeats {seen.get(text)}"
+                seen[text] = path
+            for k, v in (node.items() if isinstance(node, dict) else enumerate(node)):
+                walk(v, f"{path}.{k}")
+
+    walk(rep, "report")
+    assert not any(k.startswith("_") for k in rep)
+
+
 def test_streamed_run_writes_the_same_files(tmp_path):
-    """The whole recipe (FLAT-LLM, GPTQ, every export, validation) in memory and streamed: every exported file is
-    byte-identical and every perplexity equal; the streamed run leaves no layer files behind."""
-    mem, streamed = _run_recipe(tmp_path, "memory", False), _run_recipe(tmp_path, "stream", True)
+    """The whole recipe (FLAT-LLM, GPTQ, every export, validation) with model.stream: false and with the default,
+    which streams: every exported file is byte-identical and every perplexity equal; the streamed run leaves no
+    layer files behind."""
+    mem, streamed = _run_recipe(tmp_path, "memory", False), _run_recipe(tmp_path, "stream", None)
+    assert "most_layers_in_memory" not in mem["model"]
+    for name in ("memory", "stream"):
+        assert_each_part_once(json.loads((tmp_path / name / "report.json").read_text()))
     assert mem["perplexity"] == streamed["perplexity"]
     assert streamed["model"]["most_layers_in_memory"] == 1 and streamed["validation"]["passed"]
     files = sorted(p.relative_to(tmp_path / "memory") for p in (tmp_path / "memory").rglob("*") if p.is_file())

@@ -6,11 +6,9 @@ from pathlib import Path
 
 from .conftest import ROOT
 
-ORCHESTRATION = {"flatllm_export.cli": 0, "flatllm_export.api": 1, "flatllm_export.recipe": 2,
-                 "flatllm_export.stages": 2}
-# the package-level cycle still open: modeling.loading builds a GPTQ model with quantize.checkpoint, while GPTQ runs
-# on the calibration engine, which reads layers through modeling.streaming
-OPEN_PACKAGE_CYCLES = {frozenset({"flatllm_export.modeling", "flatllm_export.quantize", "flatllm_export.calibration"})}
+ORCHESTRATION = {"flatllm_export.cli": 0, "flatllm_export.api": 1, "flatllm_export.preflight": 2,
+                 "flatllm_export.recipe": 3, "flatllm_export.stages": 3}
+OPEN_PACKAGE_CYCLES: set[frozenset[str]] = set()  # none: a package cycle added later fails here
 
 
 def modules() -> dict[str, Path]:
@@ -93,3 +91,34 @@ def test_the_orchestration_is_imported_from_above_only():
     for a, targets in import_graph().items():
         for b in targets & set(ORCHESTRATION):
             assert a in ORCHESTRATION and ORCHESTRATION[a] < ORCHESTRATION[b], f"{a} imports {b}"
+
+
+def test_rmsnorm_and_rotary_math_written_once():
+    """RMSNorm's arithmetic is one function (modeling_flatllm.rms_norm, LlamaRMSNorm's to the bit) that the ONNX
+    graph and the float64 reference call; rotate-half is transformers' own."""
+    import torch
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from flatllm_export.modeling.modeling_flatllm import rms_norm
+
+    sources = {name: path.read_text() for name, path in modules().items()}
+    assert [n for n, text in sources.items() if "rsqrt(" in text] == ["flatllm_export.modeling.modeling_flatllm"]
+    assert not [n for n, text in sources.items() if "[-x2,x1]" in text.replace(" ", "")]
+    norm = LlamaRMSNorm(64, eps=1e-5)
+    norm.weight.data = torch.randn(64, generator=torch.Generator().manual_seed(0))
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(3, 5, 64).to(dtype)
+        assert torch.equal(norm.to(dtype)(x), rms_norm(x, norm.weight.to(dtype), 1e-5))
+
+
+def test_peak_rss_from_getrusage_is_bytes_everywhere(monkeypatch):
+    import sys
+
+    from flatllm_export.stages import maxrss_bytes
+
+    monkeypatch.setattr(sys, "platform", "darwin")  # macOS reports bytes
+    assert maxrss_bytes(5 << 20) == 5 << 20
+    monkeypatch.setattr(sys, "platform", "linux")  # Linux reports KiB
+    assert maxrss_bytes(5 << 10) == 5 << 20
+    scripts = [p for p in (ROOT / "scripts").glob("*.py") if "ru_maxrss / 1024" in p.read_text()]
+    assert not scripts, f"{scripts} read ru_maxrss as KiB on every platform: use stages.maxrss_bytes"

@@ -224,21 +224,23 @@ def headwise_lowrank(w: torch.Tensor, basis: torch.Tensor) -> tuple[torch.Tensor
 # ----------------------------------------------------------------------------------------------- options
 @dataclass(frozen=True)
 class FlatLLMOptions:
-    """The choices FLAT-LLM leaves open. A bare ``FlatLLMOptions()`` is the official code's behaviour
-    (``VARIANTS['paper']``); the library's default is ``VARIANTS[DEFAULT_VARIANT]`` ('ablation': the changes that
-    paid most alone in scripts/bench_ablation.py, measured best on SmolLM2-135M at 30% and 50%)."""
+    """The choices FLAT-LLM leaves open. A bare ``FlatLLMOptions()`` is the library's default, the variant
+    'ablation' (``DEFAULT_VARIANT``: the changes that paid most alone in scripts/bench_ablation.py, measured best on
+    SmolLM2-135M at 30% and 50%); the official code's behaviour is ``VARIANTS['paper']``, spelled out in full below.
+    Each comment gives the paper's value."""
 
-    vo_basis: str = "values"      # values: PCA of v_proj outputs | attention: PCA of o_proj's input per head
-    #                               (attention-weighted values, pooled over the KV group) | weighted: whitened by
+    vo_basis: str = "attention"   # values: PCA of v_proj outputs (the paper) | attention: PCA of o_proj's input per
+    #                               head (attention-weighted values, pooled over the KV group) | weighted: whitened by
     #                               that covariance and weighted by o_proj (keeps o_proj's output energy)
     o_proj: str = "fold"          # fold: W_o,j Q_h (the paper) | lstsq: least-squares o_proj given the new values
-    mlp_select: str = "leverage"  # leverage: ridge-leverage scores (the paper) | greedy: down_proj output error
-    ridge: float = 1.0            # ridge of the leverage scores
+    mlp_select: str = "greedy"    # leverage: ridge-leverage scores (the paper) | greedy: down_proj output error
+    ridge: float = 1.0            # ridge of the leverage scores (the paper: 1)
     ridge_scale: str = "absolute"  # absolute (the paper) | trace: ridge * trace(C) / n
-    vo_scale: float = 1.0         # V/O kept ratio = min(1, vo_scale * layer kept ratio); the MLP gives way
+    vo_scale: float = 1.0         # V/O kept ratio = min(1, vo_scale * layer kept ratio); the MLP gives way (paper: 1)
     iprs_smoothing: float = 0.0   # IPRS on importance + smoothing * mean(importance) (0: the paper)
-    importance_windows: int = 0   # calibration windows for block influence (0: all, the paper)
-    stats_dtype: str = "float64"  # products per batch in float32 or float64 (always summed in float64)
+    importance_windows: int = 8   # calibration windows for block influence (0: all, the paper)
+    stats_dtype: str = "float32"  # products per batch in float32 or float64 (always summed in float64; the paper:
+    #                               float64)
 
     def __post_init__(self):
         allowed = {"vo_basis": ("values", "attention", "weighted"), "o_proj": ("fold", "lstsq"),
@@ -256,12 +258,13 @@ class FlatLLMOptions:
 
 
 OPTION_KEYS = tuple(FlatLLMOptions.__dataclass_fields__)
-# default: each change measured alone on SmolLM2-135M at 30% (validation plays, README: FLAT-LLM ablations);
+# the default: each change measured alone on SmolLM2-135M at 30% (validation plays, README: FLAT-LLM ablations);
 # the two that paid most, plus the speed-only statistics settings
 DEFAULT_VARIANT = "ablation"  # the library's and the recipe's default (compression.variant)
-VARIANTS = {"paper": FlatLLMOptions(),
-            "ablation": FlatLLMOptions(vo_basis="attention", mlp_select="greedy", stats_dtype="float32",
-                                      importance_windows=8)}
+VARIANTS = {"paper": FlatLLMOptions(vo_basis="values", o_proj="fold", mlp_select="leverage", ridge=1.0,
+                                    ridge_scale="absolute", vo_scale=1.0, iprs_smoothing=0.0, importance_windows=0,
+                                    stats_dtype="float64"),
+            DEFAULT_VARIANT: FlatLLMOptions()}
 
 
 def resolve_options(variant: str = DEFAULT_VARIANT, **overrides) -> FlatLLMOptions:
@@ -313,7 +316,7 @@ class FlatLLMLayerMethod:
     def __init__(self, config, plan: list[dict], options: FlatLLMOptions | None = None, full_rank_too: bool = False):
         # full_rank_too: run PCA / Nystrom even where the plan keeps full size (exactness checks use it)
         self.config, self.plan, self.full_rank_too = config, plan, full_rank_too
-        self.opt = options or VARIANTS[DEFAULT_VARIANT]
+        self.opt = options or FlatLLMOptions()
         self.damping: dict[str, float] = {}
 
     def _damp(self, index: int, module: str, damp: float) -> None:
@@ -411,10 +414,10 @@ def compress_flatllm(model, windows: torch.Tensor, ratio: float, allocation: str
                      round_to: int = 1, device: str = "cpu", batch_size: int = 8, linear_multiple: int = 1,
                      options: FlatLLMOptions | None = None, importance: list[float] | None = None) -> dict:
     """Compress ``model`` in place so that ``ratio`` of the decoder's linear-weight parameters are removed, with
-    ``options`` (default: ``VARIANTS[DEFAULT_VARIANT]``). ``importance``: block influence already measured on the same
+    ``options`` (default: ``FlatLLMOptions()``, the library's default). ``importance``: block influence already measured on the same
     model and windows (skips that pass). Returns the report section (requested / achieved ratio, parameters,
     per-layer importance, kept and ranks)."""
-    opt = options or VARIANTS[DEFAULT_VARIANT]
+    opt = options or FlatLLMOptions()
     config = model.config
     before = accounting.decoder_linear_params(config)
     t0 = time.time()

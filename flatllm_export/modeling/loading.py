@@ -20,6 +20,7 @@ from ..errors import UserError
 from ..files import read_json
 from .configuration_flatllm import FlatLlamaConfig
 from .gguf_import import gguf_folder, smollm2_dir, smollm2_folder
+from .gptq_checkpoint import build_quantized_model
 from .modeling_flatllm import FlatLlamaForCausalLM
 from .streaming import LAYER_PREFIX, DiskLayers, StreamError, meta_tensors, read_tensors, tensor_files
 
@@ -171,8 +172,6 @@ def load_model(path: str, dtype: str = "float32", device: str = "cpu", stream: b
         if quant.get("quant_method") != "gptq":
             raise ModelLoadError(f"{config_file} is quantized with '{quant.get('quant_method')}'; only gptq "
                                  "checkpoints are supported")
-        from ..quantize.checkpoint import build_quantized_model
-
         config.quantization_config = quant
         try:
             model = build_quantized_model(config, state)

@@ -66,6 +66,16 @@ def qk_projection(shape: dict, name: str, hidden: int, heads: int, head_dim: int
     return HeadwiseLowRank(hidden, heads, head_dim, shape["qk_rank"], bias=bias)
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, stats_dtype: torch.dtype = torch.float32
+             ) -> torch.Tensor:
+    """Llama's RMSNorm as a function: LlamaRMSNorm's arithmetic (statistics and scaling in float32, the weight
+    applied in the input's dtype) for the ONNX graph's fused norms; the float64 reference passes float64."""
+    dtype = x.dtype
+    x = x.to(stats_dtype)
+    x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x.to(dtype)
+
+
 def attention_mask_4d(attention_mask: torch.Tensor | None, q_len: int, past_len: int, dtype: torch.dtype,
                       device: torch.device) -> torch.Tensor:
     """Additive mask (B or 1, 1, q_len, past_len + q_len): causal, plus padding from a (B, S) 0/1 mask. Masked

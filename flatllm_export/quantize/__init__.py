@@ -13,7 +13,7 @@ from torch import nn
 
 from ..calibration import capture, run_sequential
 from .gptq import QuantizationError, accumulate_hessian, quantize_weight
-from .qlinear import QuantLinear
+from ..modeling.qlinear import QuantLinear
 
 SEQUENTIAL_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
                      ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",))

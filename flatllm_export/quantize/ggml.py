@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .gptq import QuantizedWeight
+from ..modeling.packing import QuantizedWeight
 from ..errors import UserError
 
 BLOCK = 32

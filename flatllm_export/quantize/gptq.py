@@ -5,39 +5,15 @@ the moment they are chosen, so the integers found here dequantize bit for bit li
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
 from ..errors import UserError
-
-DEQUANT_CHUNK_ELEMENTS = 1 << 22  # dequantize this many weights at a time (float32 work copies of 16 MB)
+from ..modeling.packing import QuantizedWeight
 
 
 class QuantizationError(UserError, RuntimeError):
     """GPTQ could not quantize a weight; the message names it."""
-
-
-@dataclass
-class QuantizedWeight:
-    """Integer codes and grid of one linear's weight (out, in), in the original column order."""
-
-    codes: torch.Tensor  # (out, in), values in [0, 2^bits - 1]: uint8 as quantized, int32 as unpacked
-    scales: torch.Tensor  # float16 (groups, out)
-    zeros: torch.Tensor  # int32 (groups, out), the true zero point (not v1's zero - 1)
-    g_idx: torch.Tensor  # int32 (in,), group of each input column
-    bits: int
-    group_size: int  # -1: one group per row
-
-    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        out = torch.empty(self.codes.shape, dtype=dtype, device=self.codes.device)
-        g = self.g_idx.long()
-        step = max(1, DEQUANT_CHUNK_ELEMENTS // max(1, self.codes.shape[1]))  # rows at a time
-        for r in range(0, out.shape[0], step):
-            s = self.scales[g, r : r + step].float().T  # (rows, in)
-            z = self.zeros[g, r : r + step].float().T
-            out[r : r + step] = s * (self.codes[r : r + step].float() - z)
-        return out
 
 
 def accumulate_hessian(h: torch.Tensor, x: torch.Tensor, count: int) -> int:

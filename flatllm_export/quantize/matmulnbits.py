@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 
-from .gptq import QuantizedWeight
+from ..modeling.packing import QuantizedWeight
 from ..errors import UserError
 
 SUPPORTED_BITS = (2, 4, 8)

@@ -1,12 +1,14 @@
-"""The GPTQ checkpoint format: integers packed LSB-first into int32 words as one continuous bit stream
+"""The GPTQ checkpoint format: a linear's integer codes and grid (QuantizedWeight), and their packing. Integers
+are packed LSB-first into int32 words as one continuous bit stream
 (for 2/4/8 bits value j of a word sits at bit offset bits*j; 3-bit values straddle words, as AutoGPTQ packs
 them). qweight packs along in_features, qzeros along out_features."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-from .gptq import QuantizedWeight
 from ..errors import UserError
 
 
@@ -14,7 +16,30 @@ class PackingError(UserError, ValueError):
     """A shape the GPTQ format cannot hold."""
 
 
+DEQUANT_CHUNK_ELEMENTS = 1 << 22  # dequantize this many weights at a time (float32 work copies of 16 MB)
 CHUNK_VALUES = 1 << 21  # values packed or unpacked per step: int64 work copies of about 16 MB, any weight size
+
+
+@dataclass
+class QuantizedWeight:
+    """Integer codes and grid of one linear's weight (out, in), in the original column order."""
+
+    codes: torch.Tensor  # (out, in), values in [0, 2^bits - 1]: uint8 as quantized, int32 as unpacked
+    scales: torch.Tensor  # float16 (groups, out)
+    zeros: torch.Tensor  # int32 (groups, out), the true zero point (not v1's zero - 1)
+    g_idx: torch.Tensor  # int32 (in,), group of each input column
+    bits: int
+    group_size: int  # -1: one group per row
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        out = torch.empty(self.codes.shape, dtype=dtype, device=self.codes.device)
+        g = self.g_idx.long()
+        step = max(1, DEQUANT_CHUNK_ELEMENTS // max(1, self.codes.shape[1]))  # rows at a time
+        for r in range(0, out.shape[0], step):
+            s = self.scales[g, r : r + step].float().T  # (rows, in)
+            z = self.zeros[g, r : r + step].float().T
+            out[r : r + step] = s * (self.codes[r : r + step].float() - z)
+        return out
 
 
 def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:

@@ -8,8 +8,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..modeling.configuration_flatllm import FlatLlamaConfig
-from ..modeling.modeling_flatllm import FlatLlamaForCausalLM
+from .configuration_flatllm import FlatLlamaConfig
+from .modeling_flatllm import FlatLlamaForCausalLM
 from .qlinear import QuantLinear
 
 QUANT_KEYS = ("qweight", "qzeros", "scales", "g_idx")

@@ -7,8 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .gptq import QuantizedWeight
-from .packing import pack_weight, unpack_weight
+from .packing import QuantizedWeight, pack_weight, unpack_weight
 
 
 class QuantLinear(nn.Module):
