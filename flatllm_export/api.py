@@ -26,10 +26,16 @@ from .validate import PROMPT_TOKENS, genai_runtime, llamacpp_runtime, onnx_runti
 RUN_FORMAT = "flatllm-export-run/1"  # report.json's "format": validate refuses a run folder of any other
 
 
-def evaluation_windows(recipe: Recipe, tokenizer) -> torch.Tensor:
+def evaluation_windows(recipe: Recipe, tokenizer, dataset: str | None = None) -> torch.Tensor:
+    """The evaluation windows of one dataset (default: the evaluation's first, its primary)."""
     ev = recipe.evaluation
-    tokens = data.tokenize(tokenizer, data.load_text(ev.dataset, ev.split))
+    tokens = data.tokenize(tokenizer, data.load_text(dataset or ev.datasets[0], ev.split))
     return data.evaluation_windows(tokens, ev.seqlen, ev.max_windows)
+
+
+def evaluation_sets(recipe: Recipe, tokenizer, datasets: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Dataset name -> its evaluation windows, for ``datasets`` (default: every evaluation dataset), in order."""
+    return {name: evaluation_windows(recipe, tokenizer, name) for name in datasets or recipe.evaluation.datasets}
 
 
 def calibration_windows(recipe: Recipe, tokenizer) -> torch.Tensor:
@@ -38,9 +44,18 @@ def calibration_windows(recipe: Recipe, tokenizer) -> torch.Tensor:
     return data.calibration_windows(tokens, cal.nsamples, cal.seqlen, cal.seed)
 
 
-def _evaluate(model, tokenizer, recipe: Recipe, windows: torch.Tensor, point: str, rep: dict) -> dict:
-    """Perplexity on the windows (returned) and, with evaluation.tasks, lm-eval task accuracy into rep['tasks']."""
-    stats = model_perplexity(model, windows, recipe.evaluation.batch_size, recipe.model.device, desc=f"ppl {point}")
+def _evaluate(model, tokenizer, recipe: Recipe, sets: dict[str, torch.Tensor], point: str, rep: dict) -> dict:
+    """Perplexity on every dataset's windows and, with evaluation.tasks, lm-eval task accuracy into rep['tasks'].
+    The point's perplexity goes into rep['perplexity'] (the primary, first dataset: one number per point, as
+    before lists) and rep['perplexity_by_dataset'] (every dataset); returns the stage's figures: the primary
+    dataset's, and every dataset's under 'datasets'."""
+    by_dataset = {name: model_perplexity(model, windows, recipe.evaluation.batch_size, recipe.model.device,
+                                         desc=f"ppl {point} {name}") for name, windows in sets.items()}
+    primary = next(iter(by_dataset.values()))
+    rep.setdefault("perplexity", {})[point] = primary["ppl"]
+    for name, s in by_dataset.items():
+        rep.setdefault("perplexity_by_dataset", {}).setdefault(name, {})[point] = s["ppl"]
+    stats = {**primary, "datasets": by_dataset}
     if recipe.evaluation.tasks:
         from . import lmeval
 
@@ -109,12 +124,11 @@ def run(recipe: Recipe, output: str | Path, overwrite: bool = False, keep_failed
         rep["model"] = {"path": recipe.model.path, "layers": model.config.num_hidden_layers,
                         "parameters": accounting.model_params(model),
                         "decoder_linear_params": accounting.decoder_linear_params(model.config)}
-        eval_windows = None
+        eval_sets = None
         if recipe.evaluation:
             with log.stage("evaluate_dense") as st:
-                eval_windows = evaluation_windows(recipe, tokenizer)
-                st.update(_evaluate(model, tokenizer, recipe, eval_windows, "dense", rep))
-            rep["perplexity"] = {"dense": log.stages["evaluate_dense"]["ppl"]}
+                eval_sets = evaluation_sets(recipe, tokenizer)
+                st.update(_evaluate(model, tokenizer, recipe, eval_sets, "dense", rep))
         calib = None
         if recipe.compression:
             from .compress import compress
@@ -132,10 +146,9 @@ def run(recipe: Recipe, output: str | Path, overwrite: bool = False, keep_failed
             rep["compression"] = log.stages["compress"]
             rep["model"]["parameters_after"] = accounting.model_params(model)
             report.plot_allocation(rep["compression"], work / "allocation.png")
-            if eval_windows is not None:
+            if eval_sets is not None:
                 with log.stage("evaluate_compressed") as st:
-                    st.update(_evaluate(model, tokenizer, recipe, eval_windows, "compressed", rep))
-                rep["perplexity"]["compressed"] = log.stages["evaluate_compressed"]["ppl"]
+                    st.update(_evaluate(model, tokenizer, recipe, eval_sets, "compressed", rep))
         if recipe.quantization:
             from .quantize import quantize_model
 
@@ -151,14 +164,13 @@ def run(recipe: Recipe, output: str | Path, overwrite: bool = False, keep_failed
                                          recipe.calibration.batch_size,
                                          lm_head_bits=head_bits if head_bits == recipe.quantization.bits else None))
             rep["quantization"] = {k: v for k, v in log.stages["quantize"].items() if k != "layers"}
-            if eval_windows is not None:
+            if eval_sets is not None:
                 with log.stage("evaluate_quantized") as st:
-                    st.update(_evaluate(model, tokenizer, recipe, eval_windows, "quantized", rep))
-                rep["perplexity"]["quantized"] = log.stages["evaluate_quantized"]["ppl"]
+                    st.update(_evaluate(model, tokenizer, recipe, eval_sets, "quantized", rep))
         if recipe.export:
             from exporters import ExportContext, export
 
-            sample = eval_windows[:2, :64] if eval_windows is not None else torch.randint(
+            sample = next(iter(eval_sets.values()))[:2, :64] if eval_sets is not None else torch.randint(
                 0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
             ctx = ExportContext(dtype=recipe.export.dtype, sample=sample,
                                 noise_k=recipe.validation.noise_k if recipe.validation else DEFAULT_K,
@@ -175,7 +187,7 @@ def run(recipe: Recipe, output: str | Path, overwrite: bool = False, keep_failed
         if recipe.validation:
             with log.stage("validate") as st:
                 st.update(validate_outputs(work, recipe, tokenizer, model, "in memory",
-                                           rep.get("_last_task_results")))
+                                           rep.get("_last_task_results"), eval_sets))
             rep["validation"] = log.stages["validate"]
         rep.pop("_last_task_results", None)
         if layers is not None:  # (layer_folder removes the layer files before the output folder is completed)
@@ -188,17 +200,19 @@ def run(recipe: Recipe, output: str | Path, overwrite: bool = False, keep_failed
     return rep
 
 
-def validate_outputs(folder: Path, recipe: Recipe, tokenizer, model, note: str, torch_tasks: dict | None = None
-                     ) -> dict:
-    """Parity of every runtime the recipe's validation section names, on the evaluation windows, judged against
-    the float64 reference of ``model`` (the PyTorch model as exported). ``torch_tasks``: the task results of
-    ``model`` when the run has just measured them (else measured here)."""
+def validate_outputs(folder: Path, recipe: Recipe, tokenizer, model, note: str, torch_tasks: dict | None = None,
+                     eval_sets: dict[str, torch.Tensor] | None = None) -> dict:
+    """Parity of every runtime the recipe's validation section names, judged against the float64 reference of
+    ``model`` (the PyTorch model as exported). ``torch_tasks``: the task results of ``model`` when the run has just
+    measured them (else measured here); ``eval_sets``: evaluation windows already made, by dataset.
+
+    Datasets: validation.datasets, else every evaluation dataset. Every runtime's perplexity is measured on every
+    one of them (the ppl rows per dataset); the parity verdict (float64 reference, noise floors, greedy tokens)
+    and the accuracy cost of each approximation stay on the first dataset's windows, where one sample suffices."""
     val = recipe.validation
-    datasets = val.datasets or [recipe.evaluation.dataset]
-    windows = {}
-    for name in datasets:
-        ev = recipe.evaluation.model_copy(update={"dataset": name})
-        windows[name] = evaluation_windows(recipe.model_copy(update={"evaluation": ev}), tokenizer)
+    known = eval_sets or {}
+    windows = {name: known[name] if name in known else evaluation_windows(recipe, tokenizer, name)
+               for name in val.datasets or recipe.evaluation.datasets}
     others, gptq_model = [], None
     if "gptq" in val.runtimes:
         gptq_model = load_model(str(folder / "gptq"), stream=recipe.model.stream)

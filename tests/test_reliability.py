@@ -26,7 +26,8 @@ def cli(*args):
 
 
 def eval_recipe(path, **evaluation):
-    return parse_recipe({"model": {"path": str(path)}, "evaluation": {"seqlen": 64, "max_windows": 1, **evaluation}})
+    return parse_recipe({"model": {"path": str(path)},
+                         "evaluation": {"dataset": "shakespeare", "seqlen": 64, "max_windows": 1, **evaluation}})
 
 
 def test_missing_onnx_extra_refuses_only_its_targets():
