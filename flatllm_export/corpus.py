@@ -27,9 +27,9 @@ import functools
 import hashlib
 import html
 import importlib.util
+import inspect
 import json
 import re
-import textwrap
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -146,12 +146,13 @@ _RST_ROLE = re.compile(r":[a-z]+(?::[a-z]+)*:`~?\.?([^`<]*?)\s*(?:<[^>]*>)?`")
 _RST_LINK = re.compile(r"`([^`<]+?)\s*<[^>]+>`_+")
 _RST_LITERAL = re.compile(r"``([^`]+)``|`([^`]+)`_?")
 _RST_CITATION = re.compile(r"\[([\w.-]+)\]_")
+_RST_ADORNMENT = re.compile(r"([-=~^*#+\"])\1{2,}")
 
 
 def strip_rst(doc: str) -> str:
     """Prose of a numpydoc / reStructuredText docstring: skipped sections, directives (``.. math::``, citations),
     literal blocks and doctest lines removed; roles, links and literals reduced to their text."""
-    lines = textwrap.dedent(doc).splitlines()
+    lines = inspect.cleandoc(doc).splitlines()
     out, skip_section, block_indent, i = [], False, None, 0
     while i < len(lines):
         line, stripped = lines[i], lines[i].strip()
@@ -161,11 +162,14 @@ def strip_rst(doc: str) -> str:
                 i += 1
                 continue
             block_indent = None
-        if i + 1 < len(lines) and stripped and re.fullmatch(r"[-=~^]{3,}", lines[i + 1].strip()):
+        if i + 1 < len(lines) and stripped and _RST_ADORNMENT.fullmatch(lines[i + 1].strip()):
             skip_section = stripped in _SKIPPED_SECTIONS  # a section heading
             if not skip_section:
-                out.append(stripped)
+                out += ([""] if out and out[-1] else []) + [stripped]
             i += 2
+            continue
+        if _RST_ADORNMENT.fullmatch(stripped):  # a title's overline
+            i += 1
             continue
         if skip_section:
             i += 1
@@ -183,7 +187,7 @@ def strip_rst(doc: str) -> str:
     text = _RST_ROLE.sub(r"\1", text)
     text = _RST_LINK.sub(r"\1", text)
     text = _RST_LITERAL.sub(lambda m: m.group(1) or m.group(2), text)
-    text = _RST_CITATION.sub(r"[\1]", text)
+    text = _RST_CITATION.sub(r"[\1]", text).replace("``", "")  # (and a literal left unclosed in the source)
     return re.sub(r"\n{3,}", "\n\n", text).strip()
 
 

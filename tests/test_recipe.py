@@ -6,6 +6,8 @@ import yaml
 
 from flatllm_export.recipe import RecipeError, apply_overrides, load_recipe, parse_recipe
 
+from .conftest import ROOT
+
 GOOD = {"model": {"path": "ref-llama"}, "evaluation": {"seqlen": 128}}
 
 
@@ -143,3 +145,50 @@ def test_onnxruntime_genai_runtime_needs_an_export_it_can_hold():
         ok = parse_recipe({**GOOD, "compression": {"method": method}, "export": {"targets": targets},
                            "validation": val})
         assert ok.validation.runtimes == ["torch", "onnxruntime-genai"]
+
+
+def test_general_is_the_default_and_evaluation_takes_a_list():
+    r = parse_recipe({"model": {"path": "ref-llama"}, "evaluation": {}})
+    assert r.calibration.dataset == "general" and r.evaluation.datasets == ["general"]
+    r = parse_recipe({**GOOD, "evaluation": {"dataset": ["general", "shakespeare"]}})
+    assert r.evaluation.datasets == ["general", "shakespeare"] and r.evaluation.dataset == ["general", "shakespeare"]
+
+
+@pytest.mark.parametrize("section", ["calibration", "evaluation"])
+def test_unknown_dataset_is_refused_listing_what_exists(section):
+    msg = bad({**GOOD, section: {"dataset": "wikitext3"}}, f"{section}.dataset", "'wikitext3'", "neither a known")
+    for name in ("general", "general-technical", "shakespeare", "wikitext2", "local corpus folder"):
+        assert name in msg
+
+
+def test_bad_evaluation_lists_are_refused():
+    msg = bad({**GOOD, "evaluation": {"dataset": []}}, "evaluation.dataset", "empty list", "general, ")
+    assert "shakespeare" in msg
+    bad({**GOOD, "evaluation": {"dataset": ["general", "nope"]}}, "evaluation.dataset", "'nope'", "neither a known")
+    bad({**GOOD, "evaluation": {"dataset": ["general", "general"]}}, "evaluation.dataset", "repeats")
+    bad({**GOOD, "evaluation": {"dataset": "general"}, "validation": {"datasets": ["nope"], "runtimes": ["torch"]}},
+        "validation.datasets", "'nope'")
+
+
+def test_a_split_missing_from_a_local_corpus_is_refused(tmp_path):
+    (tmp_path / "train.txt").write_text("some text")
+    (tmp_path / "validation.txt").write_text("more text")
+    bad({**GOOD, "evaluation": {"dataset": ["general", str(tmp_path)]}}, "evaluation:",
+        "no test split (test.txt); it has: train, validation")
+    assert parse_recipe({**GOOD, "evaluation": {"dataset": str(tmp_path), "split": "validation"}})
+    only_test = tmp_path / "only-test"
+    only_test.mkdir()
+    (only_test / "test.txt").write_text("text")
+    bad({**GOOD, "calibration": {"dataset": str(only_test)}}, "calibration.dataset",
+        "no train split (train.txt); it has: test")
+    bad({**GOOD, "evaluation": {"dataset": "shakespeare", "split": "validation"},
+         "validation": {"datasets": [str(only_test)], "runtimes": ["torch"]}}, "no validation split")
+
+
+def test_check_refuses_bad_datasets_without_a_traceback(tmp_path):
+    for override in ("evaluation.dataset=[]", "evaluation.dataset=[general, genral]", "calibration.dataset=genral",
+                     f"evaluation.dataset={tmp_path}"):
+        res = subprocess.run([sys.executable, "-m", "flatllm_export.cli", "check", "recipes/ref-llama-flatllm.yaml",
+                              "--set", override], capture_output=True, text=True, cwd=ROOT)
+        assert res.returncode == 2 and "Traceback" not in res.stderr and "dataset" in res.stderr, (override, res.stderr)
+        assert "general" in res.stderr or "train.txt" in res.stderr
