@@ -33,13 +33,15 @@ import re
 from pathlib import Path
 from typing import Callable, NamedTuple
 
+from .errors import UserError
+
 SPLITS = ("train", "validation", "test")
 TEST_SHARE, VALIDATION_SHARE = 0.10, 0.10
 FACTBOOK_MIN_WORDS = 12
 
 
-class CorpusError(ValueError):
-    """A package of the bundled corpus is missing or not the pinned version (data.DataError wraps it)."""
+class CorpusError(UserError, ValueError):
+    """A package of the bundled corpus is missing or not the pinned version (data.check_dataset names the dataset)."""
 
 
 class Document(NamedTuple):

@@ -139,13 +139,6 @@ def general_kinds(dataset: str) -> tuple[str, ...] | None:
     return (kind,) if kind != dataset and kind in corpus.KINDS else None
 
 
-def general_text(dataset: str, split: str) -> str:
-    try:
-        return corpus.corpus_text(general_kinds(dataset), split)
-    except corpus.CorpusError as exc:
-        raise DataError(f"dataset '{dataset}': {exc}") from None
-
-
 def local_files(pattern: str) -> list[str]:
     return sorted(glob.glob(os.path.expanduser(pattern))) if any(c in pattern for c in "*?[") else (
         [os.path.expanduser(pattern)] if os.path.isfile(os.path.expanduser(pattern)) else []
@@ -197,7 +190,7 @@ def load_text(dataset: str, split: str) -> str:
     folder) for ``split``."""
     check_dataset(dataset, split)
     if general_kinds(dataset) is not None:
-        return general_text(dataset, split)
+        return corpus.corpus_text(general_kinds(dataset), split)
     if dataset == "shakespeare":
         return shakespeare_text(split)
     if dataset in HUB_DATASETS:
