@@ -27,10 +27,16 @@ from .validate import PROMPT_TOKENS, genai_runtime, llamacpp_runtime, onnx_runti
 RUN_FORMAT = "flatllm-export-run/1"  # report.json's "format": validate refuses a run folder of any other
 
 
-def evaluation_windows(recipe: Recipe, tokenizer) -> torch.Tensor:
+def evaluation_windows(recipe: Recipe, tokenizer, dataset: str | None = None) -> torch.Tensor:
+    """The evaluation windows of one dataset (default: the evaluation's first, its primary)."""
     ev = recipe.evaluation
-    tokens = data.tokenize(tokenizer, data.load_text(ev.dataset, ev.split))
+    tokens = data.tokenize(tokenizer, data.load_text(dataset or ev.datasets[0], ev.split))
     return data.evaluation_windows(tokens, ev.seqlen, ev.max_windows)
+
+
+def evaluation_sets(recipe: Recipe, tokenizer, datasets: list[str] | None = None) -> dict[str, torch.Tensor]:
+    """Dataset name -> its evaluation windows, for ``datasets`` (default: every evaluation dataset), in order."""
+    return {name: evaluation_windows(recipe, tokenizer, name) for name in datasets or recipe.evaluation.datasets}
 
 
 def calibration_windows(recipe: Recipe, tokenizer) -> torch.Tensor:
@@ -39,9 +45,13 @@ def calibration_windows(recipe: Recipe, tokenizer) -> torch.Tensor:
     return data.calibration_windows(tokens, cal.nsamples, cal.seqlen, cal.seed)
 
 
-def _evaluate(model, tokenizer, recipe: Recipe, windows: torch.Tensor, point: str) -> tuple[dict, dict | None]:
-    """Perplexity on the windows and, with evaluation.tasks, lm-eval's results per task (None without tasks)."""
-    stats = model_perplexity(model, windows, recipe.evaluation.batch_size, recipe.model.device, desc=f"ppl {point}")
+def _evaluate(model, tokenizer, recipe: Recipe, sets: dict[str, torch.Tensor], point: str
+              ) -> tuple[dict, dict | None]:
+    """Perplexity on every dataset's windows (the stage's figures: the primary, first dataset's, and every
+    dataset's under 'datasets') and, with evaluation.tasks, lm-eval's results per task (None without tasks)."""
+    by_dataset = {name: model_perplexity(model, windows, recipe.evaluation.batch_size, recipe.model.device,
+                                         desc=f"ppl {point} {name}") for name, windows in sets.items()}
+    stats = {**next(iter(by_dataset.values())), "datasets": by_dataset}
     if not recipe.evaluation.tasks:
         return stats, None
     from . import lmeval
@@ -105,19 +115,22 @@ def run(recipe: Recipe, output: str | Path, overwrite: bool = False, keep_failed
                         "parameters": accounting.model_params(model),
                         "decoder_linear_params": accounting.decoder_linear_params(model.config)}
         published = set()  # stages whose whole entry is a section of the report: listed in "stages" by time only
-        eval_windows, calib, torch_tasks = None, None, None
+        eval_sets, calib, torch_tasks = None, None, None
 
         def evaluate(point: str) -> None:
-            """Perplexity (and tasks) of the model as it is now, as point ``point`` of the report."""
-            nonlocal eval_windows, torch_tasks
+            """Perplexity (and tasks) of the model as it is now, as point ``point`` of the report: rep['perplexity']
+            holds the primary (first) dataset's, rep['perplexity_by_dataset'] every dataset's."""
+            nonlocal eval_sets, torch_tasks
             if recipe.evaluation is None:
                 return
             with log.stage(f"evaluate_{point}") as st:
-                if eval_windows is None:
-                    eval_windows = evaluation_windows(recipe, tokenizer)
-                stats, torch_tasks = _evaluate(model, tokenizer, recipe, eval_windows, point)
+                if eval_sets is None:
+                    eval_sets = evaluation_sets(recipe, tokenizer)
+                stats, torch_tasks = _evaluate(model, tokenizer, recipe, eval_sets, point)
                 st.update(stats)
             rep.setdefault("perplexity", {})[point] = stats["ppl"]
+            for name, s in stats["datasets"].items():
+                rep.setdefault("perplexity_by_dataset", {}).setdefault(name, {})[point] = s["ppl"]
             if torch_tasks is not None:  # the last point's results are the exported model's: validation's torch row
                 rep.setdefault("tasks", {})[point] = {t: {k: v for k, v in r.items() if k != "correct"}
                                                      for t, r in torch_tasks.items()}
@@ -142,11 +155,11 @@ def run(recipe: Recipe, output: str | Path, overwrite: bool = False, keep_failed
             published.add("quantize")
             evaluate("quantized")
         if recipe.export:
-            rep["exports"] = export_stages(model, tokenizer, recipe, eval_windows, work, log)
+            rep["exports"] = export_stages(model, tokenizer, recipe, eval_sets, work, log)
             published.update(f"export_{t}" for t in recipe.export.targets)
         if recipe.validation:
             with log.stage("validate") as st:
-                st.update(validate_outputs(work, recipe, tokenizer, model, "in memory", torch_tasks))
+                st.update(validate_outputs(work, recipe, tokenizer, model, "in memory", torch_tasks, eval_sets))
             rep["validation"] = log.stages["validate"]
             published.add("validate")
         if layers is not None:  # (layer_folder removes the layer files before the output folder is completed)
@@ -190,12 +203,12 @@ def quantize_stage(model, calib: torch.Tensor, recipe: Recipe, log: StageLog) ->
     return st
 
 
-def export_stages(model, tokenizer, recipe: Recipe, eval_windows: torch.Tensor | None, work: Path,
+def export_stages(model, tokenizer, recipe: Recipe, eval_sets: dict[str, torch.Tensor] | None, work: Path,
                   log: StageLog) -> dict:
     """Every export target of the recipe, each a stage; {target: its report}."""
     from exporters import ExportContext, export
 
-    sample = eval_windows[:2, :64] if eval_windows is not None else torch.randint(
+    sample = next(iter(eval_sets.values()))[:2, :64] if eval_sets is not None else torch.randint(
         0, model.config.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
     ctx = ExportContext(dtype=recipe.export.dtype, sample=sample,
                         noise_k=recipe.validation.noise_k if recipe.validation else DEFAULT_K,
@@ -211,17 +224,19 @@ def export_stages(model, tokenizer, recipe: Recipe, eval_windows: torch.Tensor |
     return exports
 
 
-def validate_outputs(folder: Path, recipe: Recipe, tokenizer, model, note: str, torch_tasks: dict | None = None
-                     ) -> dict:
-    """Parity of every runtime the recipe's validation section names, on the evaluation windows, judged against
-    the float64 reference of ``model`` (the PyTorch model as exported). ``torch_tasks``: the task results of
-    ``model`` when the run has just measured them (else measured here)."""
+def validate_outputs(folder: Path, recipe: Recipe, tokenizer, model, note: str, torch_tasks: dict | None = None,
+                     eval_sets: dict[str, torch.Tensor] | None = None) -> dict:
+    """Parity of every runtime the recipe's validation section names, judged against the float64 reference of
+    ``model`` (the PyTorch model as exported). ``torch_tasks``: the task results of ``model`` when the run has just
+    measured them (else measured here); ``eval_sets``: evaluation windows already made, by dataset.
+
+    Datasets: validation.datasets, else every evaluation dataset. Every runtime's perplexity is measured on every
+    one of them (the ppl rows per dataset); the parity verdict (float64 reference, noise floors, greedy tokens)
+    and the accuracy cost of each approximation stay on the first dataset's windows, where one sample suffices."""
     val = recipe.validation
-    datasets = val.datasets or [recipe.evaluation.dataset]
-    windows = {}
-    for name in datasets:
-        ev = recipe.evaluation.model_copy(update={"dataset": name})
-        windows[name] = evaluation_windows(recipe.model_copy(update={"evaluation": ev}), tokenizer)
+    known = eval_sets or {}
+    windows = {name: known[name] if name in known else evaluation_windows(recipe, tokenizer, name)
+               for name in val.datasets or recipe.evaluation.datasets}
     others, gptq_model = [], None
     if "gptq" in val.runtimes:
         gptq_model = load_model(str(folder / "gptq"), stream=recipe.streams())

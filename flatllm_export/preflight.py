@@ -9,6 +9,7 @@ import os
 import tempfile
 from pathlib import Path
 
+from . import data
 from .errors import UserError
 from .recipe import Recipe, RecipeError
 
@@ -83,8 +84,14 @@ def preflight(recipe: Recipe, source: str = "", load_task_data: bool | None = No
             check(key, writable_folder, value)
     if recipe.export is not None:
         check("export.targets", export_packages, recipe.export.targets)
+    if recipe.compression is not None or recipe.quantization is not None:  # (only they read calibration text)
+        check("calibration.dataset", data.check_dataset, recipe.calibration.dataset, "train")
     ev = recipe.evaluation
     if ev is not None:
+        for name in ev.datasets:
+            check("evaluation.dataset", data.check_dataset, name, ev.split)
+        for name in recipe.validation.datasets if recipe.validation else []:
+            check("validation.datasets", data.check_dataset, name, ev.split)
         before = len(problems)
         check("evaluation.task_paths", task_folders, ev.task_paths)
         if ev.tasks and len(problems) == before:

@@ -29,11 +29,20 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True, strict=True)  # "0.3" is not a number here
 
 
-def _check_dataset(value: str) -> str:
-    known = ("shakespeare",) + data.HUB_DATASETS
-    if value in known or data.local_files(value):
-        return value
-    raise ValueError(f"'{value}' is neither a known dataset ({', '.join(known)}) nor an existing text file or glob")
+DATASET_HELP = (f"a bundled dataset ({', '.join(data.BUNDLED)}; docs/data.md), a hub dataset "
+                f"({', '.join(data.HUB_DATASETS)}), a local text file or glob, or a local corpus folder with "
+                "train.txt / validation.txt / test.txt")
+
+
+def _dataset_names(value: Union[str, list[str]]) -> Union[str, list[str]]:
+    """One dataset name or a non-empty list of distinct names (whether each exists here, with the split asked
+    for, is preflight's question: data.check_dataset)."""
+    names = value if isinstance(value, list) else [value]
+    if not names:
+        raise ValueError(f"is an empty list: name at least one dataset ({DATASET_HELP})")
+    if len(set(names)) != len(names):
+        raise ValueError(f"repeats a dataset: {names}")
+    return value
 
 
 class ModelSection(Strict):
@@ -60,7 +69,7 @@ class ModelSection(Strict):
 
 
 class CalibrationSection(Strict):
-    dataset: str = "shakespeare"
+    dataset: str = Field(data.GENERAL, description=f"the train split of {DATASET_HELP}")
     nsamples: int = Field(128, ge=1, le=100_000)
     seqlen: int = Field(256, ge=8, le=131_072)
     seed: int = 0
@@ -70,7 +79,7 @@ class CalibrationSection(Strict):
     spill_dir: Optional[str] = Field(None, description="keep calibration activations in memory-mapped files in "
                                      "this folder (for activations larger than memory); removed when done")
 
-    _dataset = field_validator("dataset")(classmethod(lambda cls, v: _check_dataset(v)))
+    _dataset = field_validator("dataset")(classmethod(lambda cls, v: _dataset_names(v)))
 
 
 class TaskEntry(Strict):
@@ -89,7 +98,9 @@ class TaskEntry(Strict):
 
 
 class EvaluationSection(Strict):
-    dataset: str = "shakespeare"
+    dataset: Union[str, list[str]] = Field(
+        data.GENERAL, description=f"one dataset or a list of them, each scored apart: {DATASET_HELP}. The first is "
+        "the primary (its windows are validation's parity sample)")
     split: Literal["train", "validation", "test"] = "test"
     seqlen: int = Field(256, ge=8, le=131_072)
     allow_beyond_context: bool = Field(False, description="evaluate windows longer than the model's context")
@@ -99,7 +110,12 @@ class EvaluationSection(Strict):
                                    "(and across runtimes by validation): names or {name, num_fewshot, limit}")
     task_paths: list[str] = Field(default_factory=list, description="folders of local lm-eval task YAMLs")
 
-    _dataset = field_validator("dataset")(classmethod(lambda cls, v: _check_dataset(v)))
+    _dataset = field_validator("dataset")(classmethod(lambda cls, v: _dataset_names(v)))
+
+    @property
+    def datasets(self) -> list[str]:
+        """``dataset`` as a list (a single name is a list of one)."""
+        return self.dataset if isinstance(self.dataset, list) else [self.dataset]
 
     @field_validator("tasks", mode="before")
     @classmethod
@@ -235,7 +251,7 @@ class ValidationSection(Strict):
     @field_validator("datasets")
     @classmethod
     def _datasets(cls, v: list[str]) -> list[str]:
-        return [_check_dataset(d) for d in v]
+        return _dataset_names(v) if v else v  # (empty: the evaluation's datasets)
 
 
 class Recipe(Strict):

@@ -52,10 +52,7 @@ def markdown(rep: dict) -> str:
              + (f" -> {m['parameters_after']:,}" if "parameters_after" in m else ""),
              f"- decoder linear-weight parameters: {m['decoder_linear_params']:,}", ""]
     if "perplexity" in rep:
-        ev = rep["recipe"].get("evaluation", {})
-        lines += ["## Perplexity", "",
-                  f"{ev.get('dataset')} / {ev.get('split')}, windows of {ev.get('seqlen')} tokens", "",
-                  _table([{"model": k, "ppl": v} for k, v in rep["perplexity"].items()], ["model", "ppl"]), ""]
+        lines += perplexity_markdown(rep)
     if "tasks" in rep:
         lines += ["## Task accuracy (lm-evaluation-harness)", "", tasks_markdown(rep["tasks"]), ""]
     if "compression" in rep:
@@ -81,6 +78,19 @@ def markdown(rep: dict) -> str:
     lines += ["## Stages", "", _table([{"stage": k, "seconds": s["seconds"], "peak_rss_mb": s["peak_rss_mb"]}
                                        for k, s in rep["stages"].items()], ["stage", "seconds", "peak_rss_mb"]), ""]
     return "\n".join(lines)
+
+
+def perplexity_markdown(rep: dict) -> list[str]:
+    """One row per point (dense, compressed, quantized), one column per evaluation dataset."""
+    ev = rep["recipe"].get("evaluation", {})
+    by_dataset = rep.get("perplexity_by_dataset") or {str(ev.get("dataset")): rep["perplexity"]}
+    windows = rep.get("stages", {}).get("evaluate_dense", {}).get("datasets", {})
+    sizes = ", ".join(f"{name}: {windows[name]['windows']} windows" for name in by_dataset if name in windows)
+    rows = [{"model": point, **{name: ppl.get(point) for name, ppl in by_dataset.items()}} for point in rep["perplexity"]]
+    return ["## Perplexity", "",
+            f"{ev.get('split')} split of each dataset, windows of {ev.get('seqlen')} tokens" + (f" ({sizes})" if sizes
+                                                                                              else ""), "",
+            _table(rows, ["model", *by_dataset]), ""]
 
 
 def _pm(value, stderr) -> str:

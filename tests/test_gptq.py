@@ -145,8 +145,8 @@ def test_shapes_gptq_cannot_hold_are_refused(tiny_model_dir, tmp_path):
 
 def test_compress_quantize_export_reload_is_exact(tmp_path):
     recipe = parse_recipe({
-        "model": {"path": "ref-llama"}, "calibration": {"nsamples": 16, "seqlen": 128},
-        "evaluation": {"seqlen": 128, "max_windows": 24},
+        "model": {"path": "ref-llama"}, "calibration": {"dataset": "shakespeare", "nsamples": 16, "seqlen": 128},
+        "evaluation": {"dataset": "shakespeare", "seqlen": 128, "max_windows": 24},
         "compression": {"ratio": 0.3}, "quantization": {"bits": 4, "group_size": 32},
         "export": {"targets": ["hf", "gptq"]}})
     rep = run(recipe, tmp_path / "out")

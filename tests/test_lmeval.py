@@ -20,7 +20,8 @@ MINI = str(ROOT / "tests" / "lmeval_tasks")
 
 def _recipe(tasks, **evaluation):
     return {"model": {"path": "ref-llama"},
-            "evaluation": {"seqlen": 64, "max_windows": 1, "task_paths": [MINI], "tasks": tasks, **evaluation}}
+            "evaluation": {"dataset": "shakespeare", "seqlen": 64, "max_windows": 1, "task_paths": [MINI],
+                           "tasks": tasks, **evaluation}}
 
 
 def test_committed_task_is_what_the_generator_writes():

@@ -88,7 +88,8 @@ def test_parsing_reads_nothing_and_preflight_names_every_problem(tmp_path, monke
 
 
 def test_missing_dataset_file():
-    bad({**GOOD, "calibration": {"dataset": "/no/such/*.txt"}}, "calibration.dataset", "neither a known dataset")
+    refused({**GOOD, "calibration": {"dataset": "/no/such/*.txt"}, "quantization": {"method": "gptq"}},
+            "calibration.dataset", "neither a known dataset")
 
 
 def test_unknown_export_target():
@@ -194,3 +195,61 @@ def test_the_70b_recipe_streams_its_layers():
     """Llama-2-70B in bfloat16 is ~138 GB: its recipe streams the decoder (one layer on the GPU at a time)."""
     recipe = load_recipe(ROOT / "recipes" / "llama-2-70b-flatllm.yaml")
     assert recipe.streams() and recipe.model.device == "cuda" and not recipe.evaluation.tasks
+
+
+def test_general_is_the_default_and_evaluation_takes_a_list():
+    r = parse_recipe({"model": {"path": "ref-llama"}, "evaluation": {}})
+    assert r.calibration.dataset == "general" and r.evaluation.datasets == ["general"]
+    r = parse_recipe({**GOOD, "evaluation": {"dataset": ["general", "shakespeare"]}})
+    assert r.evaluation.datasets == ["general", "shakespeare"] and r.evaluation.dataset == ["general", "shakespeare"]
+
+
+def refused(raw, *needles):
+    """Parsed, then refused by preflight (what check runs), each needle in the message."""
+    with pytest.raises(RecipeError) as err:
+        preflight(parse_recipe(raw, "r.yaml"), "r.yaml")
+    for n in needles:
+        assert n in str(err.value), str(err.value)
+    return str(err.value)
+
+
+@pytest.mark.parametrize("section", ["calibration", "evaluation"])
+def test_unknown_dataset_is_refused_listing_what_exists(section):
+    raw = {**GOOD, section: {"dataset": "wikitext3"}, "compression": {"method": "flatllm"}}
+    msg = refused(raw, f"{section}.dataset", "'wikitext3'", "neither a known")
+    for name in ("general", "general-technical", "shakespeare", "wikitext2", "local corpus folder"):
+        assert name in msg
+
+
+def test_bad_evaluation_lists_are_refused():
+    msg = bad({**GOOD, "evaluation": {"dataset": []}}, "evaluation.dataset", "empty list", "general, ")
+    assert "shakespeare" in msg
+    refused({**GOOD, "evaluation": {"dataset": ["general", "nope"]}}, "evaluation.dataset", "'nope'",
+            "neither a known")
+    bad({**GOOD, "evaluation": {"dataset": ["general", "general"]}}, "evaluation.dataset", "repeats")
+    refused({**GOOD, "evaluation": {"dataset": "general"}, "validation": {"datasets": ["nope"], "runtimes": ["torch"]}},
+            "validation.datasets", "'nope'")
+
+
+def test_a_split_missing_from_a_local_corpus_is_refused(tmp_path):
+    (tmp_path / "train.txt").write_text("some text")
+    (tmp_path / "validation.txt").write_text("more text")
+    refused({**GOOD, "evaluation": {"dataset": ["general", str(tmp_path)]}}, "evaluation.dataset",
+            "no test split (test.txt); it has: train, validation")
+    assert preflight(parse_recipe({**GOOD, "evaluation": {"dataset": str(tmp_path), "split": "validation"}})) == {}
+    only_test = tmp_path / "only-test"
+    only_test.mkdir()
+    (only_test / "test.txt").write_text("text")
+    refused({**GOOD, "calibration": {"dataset": str(only_test)}, "quantization": {"method": "gptq"}},
+            "calibration.dataset", "no train split (train.txt); it has: test")
+    refused({**GOOD, "evaluation": {"dataset": "shakespeare", "split": "validation"},
+             "validation": {"datasets": [str(only_test)], "runtimes": ["torch"]}}, "no validation split")
+
+
+def test_check_refuses_bad_datasets_without_a_traceback(tmp_path):
+    for override in ("evaluation.dataset=[]", "evaluation.dataset=[general, genral]", "calibration.dataset=genral",
+                     f"evaluation.dataset={tmp_path}"):
+        res = subprocess.run([sys.executable, "-m", "flatllm_export.cli", "check", "recipes/ref-llama-flatllm.yaml",
+                              "--set", override], capture_output=True, text=True, cwd=ROOT)
+        assert res.returncode == 2 and "Traceback" not in res.stderr and "dataset" in res.stderr, (override, res.stderr)
+        assert "general" in res.stderr or "train.txt" in res.stderr

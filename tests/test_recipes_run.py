@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from .conftest import ROOT
 
@@ -29,8 +30,20 @@ def test_reference_recipe_runs(tmp_path, recipe):
         assert (out / target).is_dir()
 
 
+REAL = sorted(p.name for p in (ROOT / "recipes").glob("smollm2-135m-*.yaml"))
+
+
+@pytest.mark.parametrize("recipe", REAL)
+def test_real_model_recipes_calibrate_on_general_and_score_a_kind_kept_out(recipe):
+    """The real model's recipes calibrate on the general corpus and are scored on its test split and on
+    Shakespeare, the kind of text kept out of it (docs/data.md)."""
+    raw = yaml.safe_load((ROOT / "recipes" / recipe).read_text())
+    assert raw.get("calibration", {"dataset": "general"})["dataset"] == "general"
+    assert raw["evaluation"]["dataset"] == ["general", "shakespeare"]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", sorted(p.name for p in (ROOT / "recipes").glob("smollm2-135m-*.yaml")))
+@pytest.mark.parametrize("recipe", REAL)
 def test_real_model_recipe_runs(tmp_path, recipe):
     """The real-model recipes end to end (minutes each on 2 cores): `python -m pytest -m slow`."""
     out = tmp_path / "out"
@@ -39,6 +52,7 @@ def test_real_model_recipe_runs(tmp_path, recipe):
     assert res.returncode == 0, res.stderr[-3000:]
     rep = json.loads((out / "report.json").read_text())
     assert rep["model"]["layers"] == 30 and rep.get("validation", {"passed": True})["passed"]
+    assert list(rep["perplexity_by_dataset"]) == ["general", "shakespeare"]
     if "compression" in rep:
         assert abs(rep["compression"]["achieved_ratio"] - 0.3) < 0.03
         assert rep["perplexity"]["compressed"] < 3 * rep["perplexity"]["dense"]

@@ -15,7 +15,7 @@ import yaml
 from flatllm_export import data
 from flatllm_export.api import run
 from flatllm_export.modeling import load_tokenizer
-from flatllm_export.modeling.loading import ModelLoadError
+from flatllm_export.errors import UserError
 from flatllm_export.preflight import preflight
 from flatllm_export.recipe import RecipeError, load_recipe, parse_recipe
 
@@ -27,7 +27,8 @@ def cli(*args):
 
 
 def eval_recipe(path, **evaluation):
-    recipe = parse_recipe({"model": {"path": str(path)}, "evaluation": {"seqlen": 64, "max_windows": 1, **evaluation}})
+    recipe = parse_recipe({"model": {"path": str(path)},
+                           "evaluation": {"dataset": "shakespeare", "seqlen": 64, "max_windows": 1, **evaluation}})
     preflight(recipe)
     return recipe
 
@@ -54,7 +55,7 @@ def test_corrupt_weights_refused_and_nothing_left(tmp_path):
     weights = model / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     out = tmp_path / "out"
-    with pytest.raises(ModelLoadError, match="model.safetensors is truncated or corrupt"):
+    with pytest.raises(UserError, match="model.safetensors is truncated or corrupt"):
         run(eval_recipe(model), out)
     assert not out.exists() and not (tmp_path / "out.partial").exists()
 
@@ -66,7 +67,7 @@ def test_folder_without_weights_and_missing_shard(tmp_path):
     with pytest.raises(RecipeError, match=r"model.path: no model.safetensors or model.safetensors.index.json in"):
         eval_recipe(model)
     (model / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "model-00001-of-00002.safetensors"}}))
-    with pytest.raises(ModelLoadError, match="lists the shard model-00001-of-00002.safetensors, which is missing"):
+    with pytest.raises(UserError, match="lists the shard model-00001-of-00002.safetensors, which is missing"):
         run(eval_recipe(model), tmp_path / "out")
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
 
