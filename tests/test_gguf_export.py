@@ -158,7 +158,7 @@ BASE = {"model": {"path": "ref-llama"}, "evaluation": {"dataset": "shakespeare",
     ({"quantization": {"bits": 4, "group_size": 128}}, "quantization.group_size 128 .*group_size: 32"),
     ({"quantization": {"bits": 4, "group_size": 32, "sym": False}}, "asymmetric"),
     ({"quantization": {"bits": 3, "group_size": 32}}, "3-bit"),
-    ({"quantization": {"bits": 4, "group_size": 32, "desc_act": True}}, "act-order"),
+    ({"quantization": {"bits": 4, "group_size": 32, "desc_act": True, "static_groups": False}}, "act-order"),
     ({"compression": {"method": "svd-llm", "ratio": 0.2}}, "SVD-LLM"),
     ({"compression": {"method": "flatllm", "ratio": 0.2, "qk": True}}, "compression.qk: false"),
     ({"export": {"targets": ["gguf"], "dtype": "float16"}}, "export.dtype: float32"),
@@ -168,6 +168,14 @@ BASE = {"model": {"path": "ref-llama"}, "evaluation": {"dataset": "shakespeare",
 def test_recipe_refuses_what_gguf_cannot_hold(changes, message):
     with pytest.raises(RecipeError, match=message):
         parse_recipe({**copy.deepcopy(BASE), **changes})
+
+
+def test_act_order_with_static_groups_is_accepted():
+    """Static groups keep act-order's groups consecutive: gguf (and onnx) take them."""
+    raw = {**copy.deepcopy(BASE), "quantization": {"bits": 4, "group_size": 32, "desc_act": True,
+                                                     "static_groups": True}}
+    raw["export"]["targets"] = ["gguf", "onnx"]
+    assert parse_recipe(raw).quantization.static_groups
 
 
 def test_missing_binding_is_refused_with_the_install_command(monkeypatch):

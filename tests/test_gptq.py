@@ -46,6 +46,42 @@ def test_gptq_beats_round_to_nearest_on_the_layer_output(bits, group, sym, act):
         assert not torch.equal(q.g_idx, torch.sort(q.g_idx).values)  # act-order permutes groups
 
 
+def weighted_rounding_error(w, scale, zero, bits, importance):
+    q = torch.clamp(torch.round(w / scale[:, None]) + zero[:, None], 0, 2**bits - 1)
+    return ((scale[:, None] * (q - zero[:, None]) - w) ** 2 * importance).sum(1)
+
+
+@pytest.mark.parametrize("bits,sym", [(4, True), (3, True), (4, False), (2, False)])
+def test_scale_search_lowers_the_weighted_rounding_error(bits, sym):
+    g = torch.Generator().manual_seed(bits)
+    w = torch.randn(512, 32, generator=g) * torch.rand(512, 1, generator=g)
+    importance = torch.rand(32, generator=g) ** 4 * 10  # a few columns matter most, as in real activations
+    s0, z0 = grid(w, bits, sym)
+    s1, z1 = grid(w, bits, sym, "search", importance)
+    assert torch.equal(s1.half().float(), s1)  # float16-exact, as the checkpoint stores it
+    e0, e1 = weighted_rounding_error(w, s0, z0, bits, importance), weighted_rounding_error(w, s1, z1, bits, importance)
+    assert (e1 <= e0 * 1.0001).float().mean() > 0.97 and e1.mean() < 0.9 * e0.mean()
+    # the importance is what it minimizes: searched with uniform weights, the weighted error is higher
+    s2, z2 = grid(w, bits, sym, "search")
+    assert weighted_rounding_error(w, s2, z2, bits, importance).mean() > e1.mean()
+    if sym:  # the largest-magnitude weight of a row is exactly a code (llama.cpp's Q4_0 rule) for most rows
+        assert (z1 == 2 ** (bits - 1)).all()
+
+
+def test_static_groups_keep_act_order_groups_consecutive():
+    """desc_act with static_groups: columns in act order, groups consecutive (g_idx = column // group), so ONNX
+    int4 and GGUF can hold them; still better than rounding on the layer output."""
+    w, x, h = problem()
+    q, _ = quantize_weight(w, h, 4, 32, True, True, block_size=32, static_groups=True, scale="search")
+    assert torch.equal(q.g_idx.long(), torch.arange(128) // 32)
+    plain, _ = quantize_weight(w, h, 4, 32, True, False, block_size=32, scale="search")
+    assert not torch.equal(q.codes, plain.codes)  # act order changed the work
+    err = (x @ (q.dequantize() - w).T).pow(2).mean()
+    assert err < (x @ (rtn(w, 4, 32, True) - w).T).pow(2).mean()
+    permuted, _ = quantize_weight(w, h, 4, 32, True, True, block_size=32)
+    assert not torch.equal(permuted.g_idx, torch.sort(permuted.g_idx).values)
+
+
 def test_cholesky_failure_raises_damping_and_says_so():
     w, _, _ = problem(16, 32)
     x = torch.randn(8, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..calibration import capture, run_sequential
-from .gptq import QuantizationError, accumulate_hessian, quantize_weight
+from .gptq import QuantizationError, accumulate_hessian, quantize_weight, weight_first_tokens
 from ..modeling.qlinear import QuantLinear
 
 SEQUENTIAL_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
@@ -62,6 +62,7 @@ class GPTQLayerMethod:
                     same_as[name] = prev_name  # q/k/v and gate/up read one tensor: one Hessian
                     return
                 last[:] = x, name
+                x = weight_first_tokens(x, run.inputs.shape[1], self.s.first_token_weight)
                 h = hess.setdefault(name, torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=dev))
                 counts[name] = accumulate_hessian(h, x, counts[name])
 
@@ -76,7 +77,8 @@ class GPTQLayerMethod:
                 if not torch.isfinite(hess[n]).all():
                     raise QuantizationError(f"{full}: calibration inputs contain NaN/Inf")
                 q, diag = quantize_weight(m.weight, hess[n], self.s.bits, self.s.group_size, self.s.sym,
-                                          self.s.desc_act, self.s.damp_percent, self.s.block_size, name=full)
+                                          self.s.desc_act, self.s.damp_percent, self.s.block_size, name=full,
+                                          scale=self.s.scale, static_groups=self.s.static_groups)
                 new = QuantLinear.from_quantized(q, m.bias, self.fmt).to(dev)
                 set_submodule(layer, n, new)
                 self.modules[full] = {"shape": [m.out_features, m.in_features], **diag}
@@ -112,7 +114,8 @@ def quantize_lm_head(model, hidden: torch.Tensor, section, bits: int, device: st
         x = norm(batch.to(device, norm.weight.dtype))
         count = accumulate_hessian(hess, x.reshape(-1, x.shape[-1]), count)
     q, diag = quantize_weight(head.weight, hess, bits, section.group_size, section.sym, section.desc_act,
-                              section.damp_percent, section.block_size, name="lm_head")
+                              section.damp_percent, section.block_size, name="lm_head", scale=section.scale,
+                              static_groups=section.static_groups)
     model.lm_head = QuantLinear.from_quantized(q, head.bias, checkpoint_format(section.sym)).to(home)
     norm.to(home)
     return {"shape": [head.out_features, head.in_features], "bits": bits, **diag}
@@ -131,7 +134,9 @@ def quantize_model(model, windows: torch.Tensor, section, device: str = "cpu", b
     model.config.quantization_config = quantization_config(section, lm_head=bool(lm_head_bits))
     retried = {k: v["damp_percent"] for k, v in method.modules.items() if v["retries"]}
     return {"method": "gptq", "bits": section.bits, "group_size": section.group_size, "sym": section.sym,
-            "desc_act": section.desc_act, "damp_percent": section.damp_percent, "checkpoint_format": method.fmt,
+            "desc_act": section.desc_act, "static_groups": section.static_groups, "scale": section.scale,
+            "first_token_weight": section.first_token_weight,
+            "damp_percent": section.damp_percent, "checkpoint_format": method.fmt,
             "quantized_linears": len(method.modules), "damping_raised": retried,
             "quantize_seconds": round(time.time() - t0, 2), "layers": method.modules}
 
@@ -139,7 +144,7 @@ def quantize_model(model, windows: torch.Tensor, section, device: str = "cpu", b
 def quantization_config(section, lm_head: bool = False) -> dict:
     return {"quant_method": "gptq", "bits": section.bits, "group_size": section.group_size,
             "desc_act": section.desc_act, "sym": section.sym, "damp_percent": section.damp_percent,
-            "true_sequential": True, "static_groups": False, "lm_head": lm_head,
+            "true_sequential": True, "static_groups": section.static_groups, "lm_head": lm_head,
             "checkpoint_format": checkpoint_format(section.sym), "pack_dtype": "int32"}
 
 

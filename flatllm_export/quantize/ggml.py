@@ -23,7 +23,7 @@ class GGMLBlockError(UserError, ValueError):
     """GPTQ weights that Q4_0 / Q8_0 cannot hold without re-rounding; the message names the setting and the fix."""
 
 
-def ggml_blocker(bits: int, group_size: int, sym: bool, desc_act: bool) -> str | None:
+def ggml_blocker(bits: int, group_size: int, sym: bool, permuted_groups: bool) -> str | None:
     """Why GPTQ weights of these settings cannot be written as Q4_0 / Q8_0 unchanged, or None."""
     if bits not in GGML_TYPES:
         return f"{bits}-bit GPTQ weights (Q4_0 holds 4 bits and Q8_0 8 bits exactly): use quantization.bits: 4 or 8"
@@ -32,8 +32,9 @@ def ggml_blocker(bits: int, group_size: int, sym: bool, desc_act: bool) -> str |
                 f"quantization.group_size: {BLOCK}")
     if not sym:
         return "asymmetric GPTQ (Q4_0 / Q8_0 have an implied zero point): use quantization.sym: true"
-    if desc_act:
-        return "act-order GPTQ (its groups are permuted; blocks are consecutive): use quantization.desc_act: false"
+    if permuted_groups:
+        return ("act-order GPTQ with permuted groups (blocks are consecutive): use quantization.static_groups: true "
+                "or quantization.desc_act: false")
     return None
 
 
@@ -43,7 +44,8 @@ def check_blocks(q: QuantizedWeight, name: str) -> None:
     if reason is None and in_f % BLOCK:
         reason = f"{name} has {in_f} input features, not a multiple of {BLOCK}"
     if reason is None and not torch.equal(q.g_idx.long(), torch.arange(in_f) // BLOCK):
-        reason = f"{name} has permuted groups (act-order): use quantization.desc_act: false"
+        reason = (f"{name} has permuted groups (act-order): use quantization.static_groups: true or "
+                  "quantization.desc_act: false")
     if reason is None and not bool((q.zeros == 2 ** (q.bits - 1)).all()):
         reason = f"{name} has zero points other than {2 ** (q.bits - 1)} (asymmetric): use quantization.sym: true"
     if reason:

@@ -48,7 +48,8 @@ def to_matmulnbits(q: QuantizedWeight, float_dtype=np.float32) -> dict:
     block = block_size_for(q)
     if not np.array_equal(g_idx, np.arange(k_in) // (k_in if q.group_size == -1 else q.group_size)):
         raise MatMulNBitsError("act-order (desc_act) GPTQ weights have permuted groups, which MatMulNBits blocks "
-                               "cannot hold; quantize with quantization.desc_act: false for ONNX int4")
+                               "cannot hold; quantize with quantization.static_groups: true (or desc_act: false) "
+                               "for ONNX int4")
     k_blocks = math.ceil(k_in / block)
     codes = np.zeros((n_out, k_blocks * block), dtype=np.uint8)
     codes[:, :k_in] = q.codes.numpy().astype(np.uint8)
