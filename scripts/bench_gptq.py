@@ -117,6 +117,8 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=64)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--max-windows", type=int, default=24)
+    ap.add_argument("--measured-only", action="store_true", help="write the tables from the rows measured so far "
+                    "(out/bench_cache), marking the others as not measured, without measuring anything")
     args = ap.parse_args()
     done = Resume("bench_gptq", f"{args.nsamples}-{args.seqlen}-{args.max_windows}")
     tok = load_tokenizer(REAL)
@@ -128,6 +130,10 @@ def main() -> None:
     rows = [{"setting": "dense fp32", **done.get("dense", lambda: {t: ppl(base, w, 4) for t, w in test.items()})}]
     sums = None
     for label, method, changes, head in ROWS:
+        if args.measured_only and label not in done.rows:
+            rows.append({"setting": label, "note": "not measured yet"})
+            continue
+
         def measure():
             nonlocal sums
             sums = sums or hessians(base, calib)
@@ -136,7 +142,7 @@ def main() -> None:
 
         rows.append({"setting": label, **done.get(label, measure)})
         print(rows[-1], flush=True)
-    for r in rows[1:]:
+    for r in (r for r in rows[1:] if TEXTS[0] in r):
         r.update({f"{t} x dense": r[t] / rows[0][t] for t in TEXTS})
     md = ("## GPTQ settings on SmolLM2-135M (`python scripts/bench_gptq.py`)\n\n"
           f"Commit {commit()}. int4, group 32, symmetric; calibration {args.nsamples} x {args.seqlen} tokens of "
@@ -145,7 +151,7 @@ def main() -> None:
           "a recipe's GPTQ is true-sequential). The decoder is quantized; the tied embedding / lm_head stays "
           "float unless the row says otherwise. SmolLM2-135M here is dequantized from a Q4_1 GGUF (its weights "
           "already sit on an asymmetric 4-bit grid of group 32).\n\n"
-          + table(rows, ["setting", *TEXTS, *(f"{t} x dense" for t in TEXTS)]))
+          + table(rows, ["setting", *TEXTS, *(f"{t} x dense" for t in TEXTS), "note"]))
     save("bench_gptq", rows, md)
 
 

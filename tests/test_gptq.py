@@ -11,7 +11,7 @@ from flatllm_export.compress import compress_flatllm
 from flatllm_export.evaluate import model_perplexity
 from flatllm_export.modeling import load_model
 from flatllm_export.quantize import QuantizationError, quantize_model
-from flatllm_export.quantize.gptq import grid, quantize_weight
+from flatllm_export.quantize.gptq import accumulate_hessian, grid, quantize_weight, weight_first_tokens
 from flatllm_export.modeling.packing import pack_rows, unpack_rows
 from flatllm_export.recipe import QuantizationSection, parse_recipe
 
@@ -66,6 +66,17 @@ def test_scale_search_lowers_the_weighted_rounding_error(bits, sym):
     assert weighted_rounding_error(w, s2, z2, bits, importance).mean() > e1.mean()
     if sym:  # the largest-magnitude weight of a row is exactly a code (llama.cpp's Q4_0 rule) for most rows
         assert (z1 == 2 ** (bits - 1)).all()
+
+
+def test_first_token_weight_counts_each_windows_first_token_that_many_times():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3 * 8, 16, generator=g)  # 3 windows of 8 tokens, window-major
+    h = torch.zeros(16, 16, dtype=torch.float64)
+    accumulate_hessian(h, weight_first_tokens(x, 8, 5.0), 0)
+    repeated = torch.cat([x] + [x[::8]] * 4)  # each first token 4 more times
+    want = 2 * repeated.double().T @ repeated.double() / x.shape[0]
+    assert torch.allclose(h, want)
+    assert weight_first_tokens(x, 8, 1.0) is x
 
 
 def test_static_groups_keep_act_order_groups_consecutive():
