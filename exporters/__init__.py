@@ -34,6 +34,9 @@ class ExportContext:
     sample: torch.Tensor | None = None  # (B, T) token ids for validating the written files
     noise_k: float = DEFAULT_K  # parity tolerance: k x PyTorch's own deviation from float64 (flatllm_export.parity)
     extra: dict = field(default_factory=dict)
+    # what self-checks loaded, by target ('gptq': the reloaded model, 'onnx': its OrtDecoder): the run's validation
+    # reuses them rather than loading the same files again
+    opened: dict = field(default_factory=dict)
 
 
 class ExportError(UserError, RuntimeError):

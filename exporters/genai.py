@@ -40,7 +40,7 @@ def check_in_genai(folder: Path, vocab_size: int, new_tokens: int = 8) -> dict:
 @register("genai")
 def export_genai(model, tokenizer, out: Path, ctx: ExportContext) -> dict:
     opts = replace(options(model, ctx), pad_value_cache=True)
-    report = write_onnx(model, tokenizer, out, ctx, opts)
+    report, _ = write_onnx(model, tokenizer, out, ctx, opts)
     cfg = model.config  # a GroupQueryAttention graph shares past and present (metadata: shared_kv_buffer)
     write_genai_config(out, hidden_size=cfg.hidden_size, num_attention_heads=cfg.num_attention_heads)
     if tokenizer is not None and not (out / "tokenizer.json").exists():

@@ -8,8 +8,11 @@ layer at a time, then loaded in llama.cpp and judged against the float64 referen
 - Q / K rows in the order llama.cpp's rotary expects (``rope_row_order``, as its converter permutes them).
 - GPTQ weights (4 or 8 bits, symmetric, group 32, no act-order) become Q4_0 / Q8_0 blocks holding the GPTQ
   integers and float16 scales unchanged (``quantize/ggml.py``); float weights F32 or F16 by ``export.dtype``;
-  norms F32. A tied embedding is written once (``token_embd``; llama.cpp reads the output from it): with a GPTQ
-  head, that table is the head's Q4_0 (as the ONNX export's tied int4 table).
+  norms F32. The embedding and output tables are what ``export.embedding`` / ``export.lm_head`` ask
+  (``emulation.head_tables``, shared with the ONNX export and the float64 reference): a GPTQ head as it is; a float
+  head rounded to Q8_0 (``int8``) or Q4_0 (``int4``) blocks of 32; a tied pair of one format written once
+  (``token_embd``: llama.cpp reads the output from it), else both. The formats are recorded in the file
+  (``flatllm_export.embedding`` / ``flatllm_export.lm_head``) for the validation's reference.
 - What llama.cpp cannot represent is refused (``gguf_blocker``): SVD-LLM factor pairs, low-rank Q/K, biases it
   does not read.
 """
@@ -21,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from flatllm_export.emulation import head_tables, table_formats
 from flatllm_export.modeling.modeling_flatllm import HeadwiseLowRank, LowRankLinear
 from flatllm_export.modeling.streaming import layers_of
 from flatllm_export.quantize.ggml import BLOCK, GGML_TYPES, ggml_blocker, ggml_blocks, pad_heads, rope_row_order
@@ -86,6 +90,13 @@ class Tensors:
 
     def norm(self, name: str, weight: torch.Tensor):
         self.add(name, _float(weight, np.float32))
+
+    def table(self, name: str, table):
+        """An embedding / output table: float, or a QuantizedWeight (sym, blocks of 32) as Q4_0 / Q8_0 blocks."""
+        if isinstance(table, QuantizedWeight):
+            self.add(f"{name}.weight", *ggml_blocks(table, name))
+        else:
+            self.add(f"{name}.weight", _float(table, self.float))
 
     def linear(self, name: str, module, rows: torch.Tensor | None = None, pad: tuple | None = None):
         """One linear: ``rows``, an output-row order; ``pad`` (axis, heads, width, to), value heads to pad."""
@@ -170,8 +181,9 @@ def write_metadata(writer, model, arch: str, file_type: str) -> None:
         writer.add_quantization_version(2)
 
 
-def write_gguf(model, tokenizer, path: Path, dtype: str) -> dict:
-    """Write ``path``; returns what was written (architecture, tensor types, bytes, tokenizer)."""
+def write_gguf(model, tokenizer, path: Path, dtype: str, embedding: str = "auto", lm_head: str = "float") -> dict:
+    """Write ``path`` with the embedding / lm_head formats asked (``emulation.table_formats``); returns what was
+    written (architecture, tensor types, bytes, tokenizer)."""
     import gguf
 
     from .gguf_vocab import write_tokenizer
@@ -190,11 +202,13 @@ def write_gguf(model, tokenizer, path: Path, dtype: str) -> dict:
         write_metadata(writer, model, arch, file_type)
         vocab = write_tokenizer(writer, tokenizer, int(cfg.vocab_size))
         t = Tensors(writer, dtype)
-        head, tied = model.lm_head, bool(cfg.tie_word_embeddings)
-        if tied and isinstance(head, QuantLinear):  # one table: the GPTQ head's blocks serve the lookup too
-            t.linear("token_embd", head)
-        else:
-            t.add("token_embd.weight", _float(model.model.embed_tokens.weight, t.float))
+        emb_format, head_format = table_formats(model, embedding, lm_head)
+        table, head = head_tables(model, emb_format, head_format, BLOCK)
+        one_table = bool(cfg.tie_word_embeddings) and emb_format == head_format  # llama.cpp reads output from it
+        writer.add_string("flatllm_export.embedding", emb_format)
+        writer.add_string("flatllm_export.lm_head", head_format + ("-gptq" if isinstance(model.lm_head, QuantLinear)
+                                                                   else ""))
+        t.table("token_embd", table)
         factors = rope_factors(model)
         if factors is not None:
             t.add("rope_freqs.weight", factors.numpy())
@@ -206,8 +220,11 @@ def write_gguf(model, tokenizer, path: Path, dtype: str) -> dict:
             finally:
                 store.release(i, layer)
         t.norm("output_norm.weight", model.model.norm.weight)
-        if not tied:
-            t.linear("output", head)
+        if not one_table:
+            if isinstance(head, QuantizedWeight):
+                t.table("output", head)
+            else:
+                t.linear("output", head)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -221,7 +238,9 @@ def write_gguf(model, tokenizer, path: Path, dtype: str) -> dict:
 def export_gguf(model, tokenizer, out: Path, ctx: ExportContext) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     path = out / FILE
-    report = {"path": f"{out.name}/{FILE}", **write_gguf(model, tokenizer, path, ctx.dtype)}
+    report = {"path": f"{out.name}/{FILE}", **write_gguf(model, tokenizer, path, ctx.dtype,
+                                                         ctx.extra.get("embedding", "auto"),
+                                                         ctx.extra.get("lm_head", "float"))}
     report.update(self_check(model, path, ctx))
     return report
 

@@ -28,5 +28,6 @@ def export_gptq(model, tokenizer, out: Path, ctx: ExportContext) -> dict:
     report = {"path": out.name, "dtype": ctx.dtype, "bytes": written["bytes"], "shards": len(written["files"]),
               "checkpoint_format": qc["checkpoint_format"]}
     # and the reloaded checkpoint (config, per-layer shapes, tied weights, modeling code) computes the model
-    report.update(check_reload("gptq", model, load_model(str(out), stream=is_streamed(model)), out, ctx))
+    ctx.opened["gptq"] = load_model(str(out), stream=is_streamed(model))
+    report.update(check_reload("gptq", model, ctx.opened["gptq"], out, ctx))
     return report

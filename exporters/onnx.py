@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 import torch
 
-from flatllm_export.emulation import Arithmetic
+from flatllm_export.emulation import Arithmetic, table_formats
 from flatllm_export.modeling.streaming import layers_of
 from flatllm_export.parity import DEFAULT_K, DTYPE_OF_KIND, judge_layers, judge_logits, onnx_floor_kind
 from flatllm_export.modeling.qlinear import QuantLinear
@@ -60,10 +60,7 @@ def options(model, ctx: ExportContext) -> GraphOptions:
     qc = getattr(model.config, "quantization_config", None) or {}
     block = qc.get("group_size", 32) if qc.get("group_size", -1) > 0 else 32
     head = ctx.extra.get("lm_head", "float")
-    embedding = ctx.extra.get("embedding", "float")
-    if embedding == "auto":  # a tied table is read from the quantized lm_head's data (written once), else float
-        quantized = f"int{model.lm_head.bits}" if isinstance(model.lm_head, QuantLinear) else head
-        embedding = quantized if model.config.tie_word_embeddings and quantized != "float" else "float"
+    embedding, _ = table_formats(model, ctx.extra.get("embedding", "float"), head)
     return GraphOptions(dtype=dtype, accuracy_level=int(ctx.extra.get("accuracy_level", DEFAULT_ACCURACY_LEVEL)),
                         embedding=embedding, lm_head=head,
                         block_size=int(ctx.extra.get("head_block_size", block)),
@@ -198,15 +195,12 @@ def write_metadata(model, out: Path, dtype: str, opts: GraphOptions, int4: bool)
     return meta
 
 
-def self_check(model, out: Path, dtype: str, int4: bool, accuracy_level: int, noise_k: float = DEFAULT_K) -> dict:
+def self_check(model, dec, dtype: str, int4: bool, accuracy_level: int, noise_k: float = DEFAULT_K) -> dict:
     """Prefill 2 x 6 tokens, then decode 7 tokens one by one from the cache, in onnxruntime; judge, with the shared
     parity verdict, every decoder layer and the head on onnxruntime's own inputs (``layers``) and the logits
     (``logits``) against the float64 reference of ``model`` computing what the export computes by design (its
     ``emulation.Arithmetic``: int8 activations, quantized tables), PyTorch's own deviation at the graph's
     precision, computing the same, being the floor."""
-    from flatllm_export.runtime.ort import OrtDecoder
-
-    dec = OrtDecoder(out)
     arith = Arithmetic.of_onnx(dec.meta)
     ids = torch.randint(0, model.config.vocab_size, (2, 13), generator=torch.Generator().manual_seed(0))
     streams, got = dec.layer_streams(ids.numpy(), SELF_CHECK_PREFILL)
@@ -218,15 +212,18 @@ def self_check(model, out: Path, dtype: str, int4: bool, accuracy_level: int, no
     judged = [layers] + ([] if arith.activations else [logits])  # int8 activations: see validate.judged_figures
     for v in judged:
         if not v.ok:
-            raise ExportError(f"onnx export at {out} fails its parity check (prefill 6 + decode 7 tokens): "
+            raise ExportError(f"onnx export at {dec.folder} fails its parity check (prefill 6 + decode 7 tokens): "
                               f"{v.message}")
     return {"max_abs_logit_diff": logits.deviation, "tolerance": logits.tolerance, "noise_floor": logits.floor,
             "figure": logits.figure, "judged": logits in judged, "floor_kind": kind, "arithmetic": arith.describe(),
             "layers": {"deviation": layers.deviation, "tolerance": layers.tolerance, "where": layers.where.strip()}}
 
 
-def write_onnx(model, tokenizer, out: Path, ctx: ExportContext, opts: GraphOptions) -> dict:
-    """Graph + metadata + tokenizer, self-checked; shared by the ``onnx`` and ``genai`` targets."""
+def write_onnx(model, tokenizer, out: Path, ctx: ExportContext, opts: GraphOptions):
+    """Graph + metadata + tokenizer, self-checked; shared by the ``onnx`` and ``genai`` targets. Returns the report
+    and the onnxruntime session (an ``OrtDecoder``) that checked it."""
+    from flatllm_export.runtime.ort import OrtDecoder
+
     out.mkdir(parents=True, exist_ok=True)
     export_graph(model, out / "model.onnx", opts)
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
@@ -237,10 +234,12 @@ def write_onnx(model, tokenizer, out: Path, ctx: ExportContext, opts: GraphOptio
     report = {"path": out.name, "dtype": ctx.dtype, "int4": int4, "nodes": len(graph.node),
               "embedding": meta["embedding"], "lm_head": meta["lm_head"],
               "bytes": sum(f.stat().st_size for f in out.iterdir() if f.name.startswith("model.onnx"))}
-    report.update(self_check(model, out, ctx.dtype, int4, opts.accuracy_level, ctx.noise_k))
-    return report
+    dec = OrtDecoder(out)
+    report.update(self_check(model, dec, ctx.dtype, int4, opts.accuracy_level, ctx.noise_k))
+    return report, dec
 
 
 @register("onnx")
 def export_onnx(model, tokenizer, out: Path, ctx: ExportContext) -> dict:
-    return write_onnx(model, tokenizer, out, ctx, options(model, ctx))
+    report, ctx.opened["onnx"] = write_onnx(model, tokenizer, out, ctx, options(model, ctx))
+    return report

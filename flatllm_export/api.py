@@ -154,12 +154,15 @@ def run(recipe: Recipe, output: str | Path, overwrite: bool = False, keep_failed
             rep["quantization"] = quantize_stage(model, calibration(), recipe, log)
             published.add("quantize")
             evaluate("quantized")
+        opened = {}
         if recipe.export:
-            rep["exports"] = export_stages(model, tokenizer, recipe, eval_sets, work, log)
+            rep["exports"], opened = export_stages(model, tokenizer, recipe, eval_sets, work, log)
             published.update(f"export_{t}" for t in recipe.export.targets)
         if recipe.validation:
             with log.stage("validate") as st:
-                st.update(validate_outputs(work, recipe, tokenizer, model, "in memory", torch_tasks, eval_sets))
+                st.update(validate_outputs(work, recipe, tokenizer, model, "in memory", torch_tasks, eval_sets,
+                                           opened))
+            del opened
             rep["validation"] = log.stages["validate"]
             published.add("validate")
         if layers is not None:  # (layer_folder removes the layer files before the output folder is completed)
@@ -204,8 +207,9 @@ def quantize_stage(model, calib: torch.Tensor, recipe: Recipe, log: StageLog) ->
 
 
 def export_stages(model, tokenizer, recipe: Recipe, eval_sets: dict[str, torch.Tensor] | None, work: Path,
-                  log: StageLog) -> dict:
-    """Every export target of the recipe, each a stage; {target: its report}."""
+                  log: StageLog) -> tuple[dict, dict]:
+    """Every export target of the recipe, each a stage: ({target: its report}, what the self-checks loaded that
+    the recipe's validation runs: 'gptq' the reloaded model, 'onnx' the onnxruntime session)."""
     from exporters import ExportContext, export
 
     sample = next(iter(eval_sets.values()))[:2, :64] if eval_sets is not None else torch.randint(
@@ -216,19 +220,24 @@ def export_stages(model, tokenizer, recipe: Recipe, eval_sets: dict[str, torch.T
                                "embedding": recipe.head_format("embedding"), "lm_head": recipe.head_format("lm_head"),
                                "pad_value_cache": recipe.export.pad_value_cache,
                                "attention": recipe.export.attention})
+    validated = {"gptq": "gptq", "onnx": "onnxruntime"}
+    keep = {t for t, rt in validated.items() if recipe.validation and rt in recipe.validation.runtimes}
     exports = {}
     for target in recipe.export.targets:
         with log.stage(f"export_{target}") as st:
             st.update(export(target, model, tokenizer, work / target, ctx))
+            if target not in keep:  # freed within its stage: its memory is not carried to the next
+                ctx.opened.pop(target, None)
         exports[target] = st
-    return exports
+    return exports, ctx.opened
 
 
 def validate_outputs(folder: Path, recipe: Recipe, tokenizer, model, note: str, torch_tasks: dict | None = None,
-                     eval_sets: dict[str, torch.Tensor] | None = None) -> dict:
+                     eval_sets: dict[str, torch.Tensor] | None = None, opened: dict | None = None) -> dict:
     """Parity of every runtime the recipe's validation section names, judged against the float64 reference of
     ``model`` (the PyTorch model as exported). ``torch_tasks``: the task results of ``model`` when the run has just
-    measured them (else measured here); ``eval_sets``: evaluation windows already made, by dataset.
+    measured them (else measured here); ``eval_sets``: evaluation windows already made, by dataset; ``opened``: what
+    the exporters' self-checks loaded (``ExportContext.opened``), used instead of loading those files again.
 
     Datasets: validation.datasets, else every evaluation dataset. Every runtime's perplexity is measured on every
     one of them (the ppl rows per dataset); the parity verdict (float64 reference, noise floors, greedy tokens)
@@ -237,12 +246,12 @@ def validate_outputs(folder: Path, recipe: Recipe, tokenizer, model, note: str, 
     known = eval_sets or {}
     windows = {name: known[name] if name in known else evaluation_windows(recipe, tokenizer, name)
                for name in val.datasets or recipe.evaluation.datasets}
-    others, gptq_model = [], None
+    others, gptq_model, opened = [], None, opened or {}
     if "gptq" in val.runtimes:
-        gptq_model = load_model(str(folder / "gptq"), stream=recipe.streams())
+        gptq_model = opened.get("gptq") or load_model(str(folder / "gptq"), stream=recipe.streams())
         others.append(torch_runtime("gptq", gptq_model, "reloaded checkpoint"))
     if "onnxruntime" in val.runtimes:
-        others.append(onnx_runtime(folder / "onnx"))
+        others.append(onnx_runtime(folder / "onnx", opened.get("onnx")))
     if "onnxruntime-genai" in val.runtimes:  # the genai target when there is one (padded value cache)
         others.append(genai_runtime(folder / "genai" if (folder / "genai").is_dir() else folder / "onnx"))
     if "llama.cpp" in val.runtimes:

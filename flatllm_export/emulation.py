@@ -107,11 +107,13 @@ class Arithmetic:
     @classmethod
     def of_gguf(cls, traits: dict) -> "Arithmetic":
         """The arithmetic of a GGUF file in llama.cpp, from ``runtime.llamacpp.gguf_traits``: Q8_0 activations into
-        every Q4_0 / Q8_0 matmul, and a tied table read from the quantized output's blocks (``head_tables``)."""
+        every Q4_0 / Q8_0 matmul, and the embedding / output tables as the export rounded them (``head_tables``;
+        a GPTQ output is the model's own: ``int<bits>-gptq``)."""
         if traits["embedding"] != "float" and not traits["quantized"]:
             raise ValueError(f"a GGUF with a {traits['embedding']} table has quantized weights")
+        head = traits.get("lm_head", "float")
         return cls(activations="ggml-q8_0" if traits["quantized"] else None, embedding=traits["embedding"],
-                   runtime="llama.cpp")
+                   lm_head=head if head in TABLE_BITS else "float", runtime="llama.cpp")
 
     def approximations(self) -> dict[str, "Arithmetic"]:
         """Each approximation of this arithmetic on its own: label -> an arithmetic making only that one."""
@@ -184,6 +186,16 @@ def emulated_layer(layer: nn.Module, arith: Arithmetic, dtype: torch.dtype, as_l
     memo = {id(m): wrap_quantized(arith, as_linear(m), activation_block(m, arith), segments.get(id(m)))
             for m in layer.modules() if isinstance(m, QuantLinear)}
     return copy.deepcopy(layer, memo).to(dtype)
+
+
+def table_formats(model, embedding: str, lm_head: str) -> tuple[str, str]:
+    """(embedding, lm_head) formats an export writes for the recipe's ``export.embedding`` / resolved
+    ``export.lm_head``: ``auto`` embedding is the lm_head's quantized table when the two are tied (written once),
+    else float; a GPTQ-quantized lm_head is written as it is (its format: ``int<bits>``)."""
+    own = f"int{model.lm_head.bits}" if isinstance(model.lm_head, QuantLinear) else lm_head
+    if embedding == "auto":
+        embedding = own if model.config.tie_word_embeddings and own != "float" else "float"
+    return embedding, own
 
 
 def head_tables(model, embedding: str, lm_head: str, block: int, dtype: torch.dtype = torch.float32

@@ -373,12 +373,6 @@ class Recipe(Strict):
         if self.export.dtype != "float32":
             raise ValueError(f"export target 'gguf' writes float weights as F32 only (export.dtype is "
                              f"{self.export.dtype}): set export.dtype: float32, {fix}")
-        head, emb = self.head_format("lm_head"), self.export.embedding
-        own = f"int{q.bits}" if q is not None and q.bits in (4, 8) else "float"
-        if head != own or emb not in ("auto", "float", own):
-            raise ValueError(f"export target 'gguf' writes the model's own lm_head ({own}) and embedding (float, or "
-                             f"a tied table read from the GPTQ head): export.lm_head {head} / export.embedding {emb} "
-                             f"need rounding it does not do; use 'auto', {fix}")
 
     def head_format(self, which: str) -> str:
         """export.embedding / export.lm_head resolved: float, int8 or int4. ``auto`` lm_head: the quantization's

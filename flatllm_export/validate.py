@@ -80,10 +80,11 @@ def _onnx_traits(meta: dict) -> tuple[str, str, Arithmetic]:
     return onnx_floor_kind(meta["dtype"], meta["int4"], level), note, arith
 
 
-def onnx_runtime(folder: Path) -> Runtime:
+def onnx_runtime(folder: Path, dec=None) -> Runtime:
+    """An ONNX export run by our onnxruntime decoder (``dec``: one already open on ``folder``)."""
     from .runtime.ort import OrtDecoder
 
-    dec = OrtDecoder(folder)
+    dec = dec or OrtDecoder(folder)
     kind, note, arith = _onnx_traits(dec.meta)
     return Runtime("onnxruntime", dec.logits_fn(), lambda ids, n: dec.generate(ids.numpy(), n), kind, note, arith,
                    lambda ids, prefill: dec.layer_streams(ids.numpy(), prefill))

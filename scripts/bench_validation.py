@@ -30,6 +30,7 @@ from exporters import ExportContext, ExportError
 from flatllm_export.api import evaluation_windows, run
 from flatllm_export.files import read_json
 from flatllm_export.modeling import load_model, load_tokenizer
+from flatllm_export.runtime.ort import OrtDecoder
 from flatllm_export.recipe import ValidationSection, parse_recipe
 from flatllm_export.validate import onnx_runtime, parity
 # the mutations the test suite refuses on a small model, applied here to the real one
@@ -99,7 +100,7 @@ def mutation_rows(rep: dict) -> list[dict]:
         del mutant
         t0 = time.time()
         try:
-            check = onnx_exporter.self_check(model, out, "float32", True, opts.accuracy_level)
+            check = onnx_exporter.self_check(model, OrtDecoder(out), "float32", True, opts.accuracy_level)
             self_check = f"passed (layers {check['layers']['deviation']:.3g} <= {check['layers']['tolerance']:.3g})"
         except ExportError as exc:
             self_check = "refused: " + str(exc).split("): ", 1)[1]

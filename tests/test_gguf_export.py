@@ -15,6 +15,8 @@ from exporters.gguf import FILE
 from flatllm_export import data
 from flatllm_export.compress import compress
 from flatllm_export.modeling import load_model
+from flatllm_export.modeling.packing import QuantizedWeight
+from flatllm_export.modeling.qlinear import QuantLinear
 from flatllm_export.preflight import preflight
 from flatllm_export.quantize import quantize_model
 from flatllm_export.quantize.ggml import GGMLBlockError, ggml_blocks, pad_heads, rope_row_order
@@ -119,6 +121,40 @@ def test_llama_cpp_runs_the_export_with_parity(tmp_path, name, method, bits):
     row = next(r for r in res["rows"] if r["runtime"] == "llama.cpp")
     assert res["passed"], res["failures"]
     assert abs(row["ppl"] / next(r for r in res["rows"] if r["runtime"] == "torch")["ppl"] - 1) < 0.02
+
+
+@pytest.mark.parametrize("bits,tied,embedding,lm_head,types", [
+    (None, True, "auto", "int8", {"token_embd": "Q8_0"}),  # one Q8_0 table, read by the lookup and the output
+    (4, True, "float", "int4", {"token_embd": "F32", "output": "Q4_0"}),  # the GPTQ head, a float lookup
+    (None, False, "int8", "int4", {"token_embd": "Q8_0", "output": "Q4_0"}),  # both rounded at export
+])
+def test_embedding_and_output_tables_as_the_recipe_asks(tmp_path, bits, tied, embedding, lm_head, types):
+    """export.embedding / export.lm_head in the gguf target: the tables written are emulation.head_tables' bit for
+    bit (the float64 reference's), and llama.cpp passes the self-check and the validation with them."""
+    from flatllm_export.emulation import head_tables, table_formats
+    from flatllm_export.runtime.llamacpp import gguf_traits
+
+    model, tok = build("ref-llama", None, bits, tied=tied)
+    ctx = ExportContext(extra={"embedding": embedding, "lm_head": lm_head})
+    export("gguf", model, tok, tmp_path / "gguf", ctx)
+    path = tmp_path / "gguf" / FILE
+    found = {t.name.removesuffix(".weight"): t for t in gguf.GGUFReader(path).tensors
+             if t.name in ("token_embd.weight", "output.weight")}
+    assert {k: t.tensor_type.name for k, t in found.items()} == types
+    emb_format, head_format = table_formats(model, embedding, lm_head)
+    table, head = head_tables(model, emb_format, head_format, 32)
+    want = {"token_embd": table, "output": head}
+    for name, t in found.items():
+        w = want[name]
+        w = w.quantized() if isinstance(w, QuantLinear) else w  # the GPTQ head, as it is
+        w = w.dequantize(torch.float32) if isinstance(w, QuantizedWeight) else getattr(w, "weight", w).detach()
+        got = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy()).reshape(w.shape)
+        assert torch.equal(got, w.float()), name
+    traits = gguf_traits(path)
+    assert traits["embedding"] == emb_format and traits["lm_head"].split("-")[0] == head_format
+    res = parity(model, [llamacpp_runtime(tmp_path / "gguf", 128)], {"test": tokens("ref-llama", "test", 2, 96)},
+                 SETTINGS)
+    assert res["passed"], res["failures"]
 
 
 def test_self_check_refuses_a_broken_file(tmp_path, monkeypatch):

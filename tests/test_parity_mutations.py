@@ -20,6 +20,7 @@ from flatllm_export import data
 from flatllm_export.modeling import load_model
 from flatllm_export.quantize import quantize_model
 from flatllm_export.modeling.qlinear import QuantLinear
+from flatllm_export.runtime.ort import OrtDecoder
 from flatllm_export.recipe import QuantizationSection, ValidationSection
 from flatllm_export.validate import onnx_runtime, parity, torch_runtime
 
@@ -138,7 +139,7 @@ def test_broken_onnx_export_is_refused(base, tmp_path, monkeypatch, mutation, le
     write_onnx(mutant, out, level, monkeypatch, ValuesOneOff if mutation == "kv_cache" else None)
     monkeypatch.undo()
     with pytest.raises(ExportError) as err:  # the exporter's own check, against the unbroken model
-        onnx_exporter.self_check(model, out, "float32", True, level)
+        onnx_exporter.self_check(model, OrtDecoder(out), "float32", True, level)
     assert "onnxruntime: " in str(err.value) and "noise floor" in str(err.value)
     res = parity(model, [onnx_runtime(out)], {"test": test}, SETTINGS)
     assert not res["passed"] and res["failures"]

@@ -129,11 +129,24 @@ def assert_each_part_once(rep: dict) -> None:
     assert not any(k.startswith("_") for k in rep)
 
 
-def test_streamed_run_writes_the_same_files(tmp_path):
+def test_streamed_run_writes_the_same_files(tmp_path, monkeypatch):
     """The whole recipe (FLAT-LLM, GPTQ, every export, validation) with model.stream: false and with the default,
     which streams: every exported file is byte-identical and every perplexity equal; the streamed run leaves no
-    layer files behind."""
+    layer files behind. Each run opens its ONNX export and reloads its GPTQ checkpoint once: validation uses what
+    the exporters' self-checks opened."""
+    import exporters.gptq
+    from flatllm_export import api
+    from flatllm_export.runtime.ort import OrtDecoder
+
+    opened = []
+    init = OrtDecoder.__init__
+    monkeypatch.setattr(OrtDecoder, "__init__", lambda self, folder, *a, **k: (
+        opened.append(Path(folder).name), init(self, folder, *a, **k))[1])
+    for module in (exporters.gptq, api):
+        monkeypatch.setattr(module, "load_model", functools.partial(
+            lambda load, path, *a, **k: (opened.append(Path(path).name), load(path, *a, **k))[1], module.load_model))
     mem, streamed = _run_recipe(tmp_path, "memory", False), _run_recipe(tmp_path, "stream", None)
+    assert sorted(opened) == sorted(["ref-gqa", "gptq", "onnx"] * 2), opened  # the model, then each export once
     assert "most_layers_in_memory" not in mem["model"]
     for name in ("memory", "stream"):
         assert_each_part_once(json.loads((tmp_path / name / "report.json").read_text()))

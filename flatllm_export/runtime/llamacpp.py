@@ -37,16 +37,26 @@ def missing_binding() -> str | None:
 
 def gguf_traits(path: str | Path) -> dict:
     """What a GGUF file asks of llama.cpp's arithmetic, from its tensor types: ``quantized`` (some weight is
-    Q4_0 / Q8_0: llama.cpp quantizes the activations entering it to Q8_0) and ``embedding`` (float, or int4 /
-    int8 when the lookup reads a quantized table that is also the output: no ``output.weight``)."""
+    Q4_0 / Q8_0: llama.cpp quantizes the activations entering it to Q8_0), ``embedding`` and ``lm_head`` (float,
+    int8, int4: the token_embd / output tables' types, the output being token_embd when the file has no
+    ``output.weight``; as recorded by our exporter when it wrote the file, a GPTQ output being ``int<bits>-gptq``)."""
     from gguf import GGMLQuantizationType, GGUFReader
 
-    types = {t.name: t.tensor_type for t in GGUFReader(path).tensors}
+    reader = GGUFReader(path)
+    types = {t.name: t.tensor_type for t in reader.tensors}
     bits = {GGMLQuantizationType.Q4_0: 4, GGMLQuantizationType.Q8_0: 8}
     quantized = any(t in bits for t in types.values())
-    table = bits.get(types.get("token_embd.weight"))
-    tied = "output.weight" not in types
-    return {"quantized": quantized, "embedding": f"int{table}" if table and tied else "float",
+
+    def table(name: str) -> str:
+        return f"int{bits[types[name]]}" if types.get(name) in bits else "float"
+
+    def recorded(key: str) -> str | None:  # what our exporter recorded (a GPTQ output: 'int4-gptq')
+        field = reader.get_field(f"flatllm_export.{key}")
+        return None if field is None else field.contents()
+
+    embedding = table("token_embd.weight")
+    lm_head = recorded("lm_head") or (table("output.weight") if "output.weight" in types else embedding)
+    return {"quantized": quantized, "embedding": recorded("embedding") or embedding, "lm_head": lm_head,
             "types": sorted({GGMLQuantizationType(t).name for t in types.values()})}
 
 

@@ -22,7 +22,6 @@ from ..files import read_json
 
 META_FILE = "flatllm_onnx.json"
 META_FORMAT = "flatllm-onnx/2"  # its "format" key: a file of any other format is refused by name
-KEEP_INPUT = "num_logits_to_keep"  # optional graph input (exporters/onnx_logits.py): logits of the last N only
 _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
@@ -110,7 +109,6 @@ class OrtDecoder:
         self.logits_name = self.meta["outputs"][0]
         self.takes_mask = "attention_mask" in graph_inputs
         self.takes_positions = "position_ids" in graph_inputs
-        self.takes_keep = KEEP_INPUT in graph_inputs  # graphs that can skip the lm_head of earlier positions
         self.shared_buffer = bool(self.meta.get("shared_kv_buffer", False))
         self.context_length = int(self.meta.get("context_length") or 0)
         logits_type = next(o.type for o in self.session.get_outputs() if o.name == self.logits_name)
@@ -152,10 +150,9 @@ class OrtDecoder:
 
     def run(self, input_ids: np.ndarray, past: list, logits_out: np.ndarray,
             attention_mask: np.ndarray | None = None, position_ids: np.ndarray | None = None,
-            last_only: bool = False, past_len: int | None = None, extras: dict | None = None) -> list:
+            past_len: int | None = None, extras: dict | None = None) -> list:
         """One step through an IO binding. ``past``: per-layer OrtValues (a previous run's presents) or arrays;
-        ``logits_out``: the buffer onnxruntime writes the logits into, (B, T, V), or (B, 1, V) with
-        ``last_only`` when the graph takes num_logits_to_keep (see ``logits_buffer``). ``past_len``: the valid
+        ``logits_out``: the buffer onnxruntime writes the logits into, (B, T, V). ``past_len``: the valid
         length of ``past`` when it is a ``shared_past`` buffer, updated in place (then returned as it is);
         otherwise the presents come back as new OrtValues that stay in onnxruntime memory. ``extras``: graph
         values (outputs of a ``probe`` session) to fetch too, filled in place as name -> array."""
@@ -186,14 +183,10 @@ class OrtDecoder:
                 io.bind_cpu_input(name, alive[-1])
             else:
                 io.bind_ortvalue_input(name, value)
-        rows = 1 if last_only and self.takes_keep else seq
-        if self.takes_keep:
-            alive.append(np.array(rows if last_only else 0, np.int64))
-            io.bind_cpu_input(KEEP_INPUT, alive[-1])
-        if logits_out.shape != (batch, rows, self.vocab_size) or logits_out.dtype != self.logits_dtype \
+        if logits_out.shape != (batch, seq, self.vocab_size) or logits_out.dtype != self.logits_dtype \
                 or not logits_out.flags.c_contiguous:
             raise ValueError(f"logits buffer {logits_out.shape} {logits_out.dtype} does not fit "
-                             f"({batch}, {rows}, {self.vocab_size}) {np.dtype(self.logits_dtype)}")
+                             f"({batch}, {seq}, {self.vocab_size}) {np.dtype(self.logits_dtype)}")
         io.bind_output(self.logits_name, "cpu", 0, self.logits_dtype, list(logits_out.shape),
                        logits_out.ctypes.data)
         for name, value in zip(self.present_names, past):
@@ -255,8 +248,8 @@ class OrtDecoder:
                                             for i in range(n)]
         return streams, np.concatenate(logits, axis=1)
 
-    def logits_buffer(self, batch: int, seq: int, last_only: bool = False) -> np.ndarray:
-        return np.empty((batch, 1 if last_only and self.takes_keep else seq, self.vocab_size), self.logits_dtype)
+    def logits_buffer(self, batch: int, seq: int) -> np.ndarray:
+        return np.empty((batch, seq, self.vocab_size), self.logits_dtype)
 
     def forward(self, input_ids: np.ndarray, past: list | None = None,
                 attention_mask: np.ndarray | None = None, position_ids: np.ndarray | None = None
@@ -286,13 +279,13 @@ class OrtDecoder:
         at most the context), written in place from then on."""
         ids = np.asarray(input_ids, dtype=np.int64)
         batch, length = ids.shape
-        logits = self.logits_buffer(batch, length, last_only=True)
+        logits = self.logits_buffer(batch, length)
         if self.shared_buffer:
             total = length + max_new_tokens
             past = self.shared_past(batch, max(min(total, self.context_length or total), length))
-            self.run(ids, past, logits, last_only=True, past_len=0)
+            self.run(ids, past, logits, past_len=0)
         else:
-            past = self.run(ids, self.empty_past(batch), logits, last_only=True)
+            past = self.run(ids, self.empty_past(batch), logits)
         return Cache(past, length, self.logits_buffer(batch, 1)), logits[:, -1]
 
     def step(self, cache: "Cache", tokens: np.ndarray) -> np.ndarray:
@@ -320,9 +313,6 @@ class OrtDecoder:
         for past, present, value in zip(self.past_names, self.present_names, cache.past):
             io.bind_ortvalue_input(past, value)
             io.bind_ortvalue_output(present, value)
-        if self.takes_keep:
-            cache.keep = np.array(0, np.int64)
-            io.bind_cpu_input(KEEP_INPUT, cache.keep)
         io.bind_output(self.logits_name, "cpu", 0, self.logits_dtype, list(cache.logits.shape), cache.logits.ctypes.data)
         return io
 
@@ -354,7 +344,6 @@ class Cache:
     logits: np.ndarray
     binding: object = None
     inputs: tuple = ()
-    keep: object = None
 
 
 def _length(value) -> int:
