@@ -1,6 +1,6 @@
-"""Scale: peak memory of every stage of a whole run (FLAT-LLM 30% -> GPTQ int4 -> hf + onnx exports) on a
-random-weight Llama of ~8 GB fp32 streamed from disk, and on SmolLM2-135M streamed and in memory side by side
-(issue 12, deliverable 6). A benchmark, not a test: the big run takes about an hour on 2 cores.
+"""Scale: peak memory and time of a whole ``flatllm-export run`` streamed from disk (the default for a model
+stored as safetensors) against the same run with every weight in memory (``model.stream: false``), on a
+random-weight Llama of several GB and on SmolLM2-135M. A benchmark, not a test.
 
 1. Builds a random-weight Llama as sharded safetensors on disk without ever holding it whole: one decoder layer
    is generated and written at a time, each into its own shard (``model-000NN-of-000MM.safetensors``; shard 1
@@ -9,18 +9,23 @@ random-weight Llama of ~8 GB fp32 streamed from disk, and on SmolLM2-135M stream
    norm weights 1. Default shape (~8.2 GB fp32): hidden 2560, MLP 6912, 26 layers, 20 query / 4 KV heads of 128,
    vocab 49152. The folder is reused when it holds a complete model of the same shape and seed.
 2. Runs ``flatllm-export run`` on it in a subprocess (this checkout's code: ``python -m flatllm_export.cli``
-   with PYTHONPATH set to the repository) with ``model.stream: true``; progress bars show as the run goes.
-3. Runs SmolLM2-135M with the same pipeline, ``stream: false`` and ``stream: true``.
-4. Reads every stage's seconds and peak RSS from each run's report.json and sets compression's and GPTQ's peak
-   against the bound of the issue's goal: embeddings + lm_head + 2 decoder layers (fp32, from the config) +
-   calibration activations (nsamples x seqlen x hidden x 4 bytes x 2 buffers) + 300 MB; and compression's peak
-   against half the model's fp32 size.
+   with PYTHONPATH set to the repository; ``OMP_NUM_THREADS`` 1 unless set), streamed, or in memory with
+   ``--memory``; progress bars show as the run goes.
+3. Runs SmolLM2-135M with the same recipe in memory and streamed, alternating, ``--rounds`` times each.
+4. Reads every stage's seconds and peak RSS from each run's report.json, and the run process's lifetime peak RSS
+   (wait4), and sets it against the checkpoint's size (its safetensors files).
 
-Writes docs/bench_scale.{md,json}. Results are kept in out/bench_scale/results.json, so ``--skip-big`` after a big
-run still reports it (rows of other settings are not mixed in).
+``--plain`` uses the plain recipe (plain_recipe: FLAT-LLM 30% with the default variant, calibration on the bundled
+``general`` corpus, a small evaluation, an hf export, no quantization, no ``model.stream`` key); without it, the
+recipe adds GPTQ int4 and an onnx export (make_recipe).
 
-    python scripts/bench_scale.py                       # SmolLM2 both ways, then the big model (about an hour)
-    python scripts/bench_scale.py --skip-big            # SmolLM2 only (minutes)
+Writes docs/bench_scale.{md,json}. Results are kept in out/bench_scale/results.json, so ``--report-only`` (or a
+later invocation of the same settings) reports every run recorded there.
+
+    python scripts/bench_scale.py --plain --skip-small --layers 14 --hidden 2048 --intermediate 5632 --heads 16
+    python scripts/bench_scale.py --plain --skip-small --memory ...   # the same model in memory
+    python scripts/bench_scale.py --plain --skip-big --rounds 3       # SmolLM2 both ways, alternating
+    python scripts/bench_scale.py --report-only                       # the docs from results.json
     python scripts/bench_scale.py --build-only --layers 2 --hidden 256 --intermediate 512 --heads 4 --kv-heads 2
     python scripts/bench_scale.py --time-layers --layers 2   # per-layer FLAT-LLM / GPTQ times at the big width
 """
@@ -32,6 +37,7 @@ import json
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -42,6 +48,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from flatllm_export.stages import maxrss_bytes  # noqa: E402
+from common import commit  # noqa: E402  (scripts/common.py)
 
 DOCS = ROOT / "docs"
 OUT = ROOT / "out" / "bench_scale"
@@ -50,7 +57,7 @@ SMALL = "smollm2-135m"
 SMALL_FP32_MB = 538  # SmolLM2-135M's fp32 safetensors (tied embedding written once)
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
 MARKER = "bench_scale_model.json"  # written last: the folder holds a complete model of these settings
-RUNTIME_MB = 300  # the issue's allowance for the Python / torch runtime
+RUNTIME_MB = 300  # the bound's allowance for the Python / torch runtime
 BOUND_STAGES = ("compress", "quantize")
 
 
@@ -199,7 +206,24 @@ def stream_supported() -> bool:
     return "stream" in ModelSection.model_fields
 
 
+def plain_recipe(model_path: str, stream: bool, args) -> dict:
+    """A plain recipe: FLAT-LLM at --ratio with the library's default variant, calibration on the bundled
+    ``general`` corpus (the default dataset), a small evaluation, an hf export, no quantization. Streamed: no
+    ``model.stream`` key (the default); in memory: ``model.stream: false``."""
+    model = {"path": model_path}
+    if not stream:
+        model["stream"] = False
+    return {"model": model,
+            "calibration": {"nsamples": args.nsamples, "seqlen": args.seqlen, "batch_size": args.batch_size},
+            "evaluation": {"seqlen": args.eval_seqlen, "max_windows": args.eval_windows,
+                           "batch_size": args.batch_size},
+            "compression": {"method": "flatllm", "ratio": args.ratio},
+            "export": {"targets": ["hf"]}}
+
+
 def make_recipe(model_path: str, stream: bool, args, group_size: int) -> dict:
+    if args.plain:
+        return plain_recipe(model_path, stream, args)
     model = {"path": model_path, "dtype": "float32", "device": "cpu"}
     if stream_supported():
         model["stream"] = stream
@@ -228,7 +252,7 @@ def make_recipe(model_path: str, stream: bool, args, group_size: int) -> dict:
 def settings_key(recipe: dict) -> str:
     """The settings that make two results comparable: the recipe without the model section and the group size
     (chosen per model)."""
-    quant = {k: v for k, v in recipe["quantization"].items() if k != "group_size"}
+    quant = {k: v for k, v in (recipe.get("quantization") or {}).items() if k != "group_size"}
     return json.dumps({**{k: v for k, v in recipe.items() if k != "model"}, "quantization": quant}, sort_keys=True)
 
 
@@ -270,11 +294,11 @@ def folder_bytes(folder: Path) -> dict:
     return {p.name: sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) for p in folder.iterdir() if p.is_dir()}
 
 
-# ---- the bound of the issue's goal ----------------------------------------------------------------------------
+# ---- a memory bound for compress and quantize -----------------------------------------------------------------
 
 def bound(config: dict, nsamples: int, seqlen: int, runtime_mb: float | None = None) -> dict:
     """embeddings + lm_head + 2 decoder layers (fp32, from config.json) + calibration activations (2 buffers of
-    nsamples x seqlen x hidden fp32) + 300 MB. A tied lm_head is counted as its own tensor too (the goal's words;
+    nsamples x seqlen x hidden fp32) + 300 MB. A tied lm_head is counted as its own tensor too (as the bound is stated;
     GPTQ's quantized head is one)."""
     s = {"layers": config["num_hidden_layers"], "hidden": config["hidden_size"],
          "intermediate": config["intermediate_size"], "heads": config["num_attention_heads"],
@@ -298,7 +322,7 @@ def bound(config: dict, nsamples: int, seqlen: int, runtime_mb: float | None = N
 
 def runtime_rss_mb() -> float:
     """Resident memory of a fresh process that has imported what a run imports (torch, transformers, the package,
-    the exporters, onnxruntime) and holds no model: the run's fixed cost, measured, against the goal's 300 MB."""
+    the exporters, onnxruntime) and holds no model: the run's fixed cost, measured, against the bound's 300 MB."""
     code = ("import flatllm_export.api, flatllm_export.modeling, flatllm_export.compress, flatllm_export.quantize, "
             "exporters.hf, exporters.onnx, onnxruntime, os\n"
             "print(int(open('/proc/self/statm').read().split()[1]) * os.sysconf('SC_PAGE_SIZE'))")
@@ -383,25 +407,8 @@ def machine() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_gb": round(mem / 2**20, 1),
             "disk_free_gb": round(shutil.disk_usage(ROOT).free / 1e9, 1), "python": platform.python_version(),
             "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "load_average_at_start": [round(x, 2) for x in os.getloadavg()],
-            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-
-
-def judged_rows(result: dict) -> list[dict]:
-    b = result["bound"]
-    rows = []
-    for stage, st in result["stages"].items():
-        row = {"model": result["label"], "mode": result["mode"], "stage": stage, "seconds": st["seconds"],
-               "start RSS MB": st.get("start_rss_mb", ""), "peak RSS MB": st["peak_rss_mb"], "model fp32 MB": b["model_fp32_mb"], "bound MB": "", "within bound": "",
-               "bound MB, measured runtime": "", "within it": ""}
-        if stage in BOUND_STAGES:
-            row["bound MB"] = b["bound_mb"]
-            row["within bound"] = "yes" if st["peak_rss_mb"] <= b["bound_mb"] else "no"
-            if "bound_measured_runtime_mb" in b:
-                row["bound MB, measured runtime"] = b["bound_measured_runtime_mb"]
-                row["within it"] = "yes" if st["peak_rss_mb"] <= b["bound_measured_runtime_mb"] else "no"
-        rows.append(row)
-    return rows
+            "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
+            "load_average_at_start": [round(x, 2) for x in os.getloadavg()]}
 
 
 def goals(result: dict) -> dict:
@@ -417,73 +424,89 @@ def goals(result: dict) -> dict:
     return g
 
 
-def write_docs(results: list[dict], facts: dict, args, notes: list[str]) -> None:
-    def fmt(v):
-        return f"{v:.4g}" if isinstance(v, float) else str(v)
+def checkpoint_bytes(model_path: str) -> int:
+    """Bytes of the model's safetensors files (the checkpoint a run reads)."""
+    from flatllm_export.modeling.loading import resolve_model_path
 
-    cols = ["model", "mode", "stage", "seconds", "start RSS MB", "peak RSS MB", "model fp32 MB", "bound MB", "within bound",
-            "bound MB, measured runtime", "within it"]
-    rows = [r for res in results for r in judged_rows(res)]
-    table = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    table += ["| " + " | ".join(fmt(r[c]) for c in cols) + " |" for r in rows]
-    summary = ["| model | mode | bound MB (embed + head + 2 layers + activations + 300) | compress peak MB | "
-               "quantize peak MB | compress & GPTQ within bound | same, measured runtime | compress < half fp32 (MB) | "
-               "largest stage peak MB | whole run peak MB | whole run s | achieved ratio | ppl dense / compressed / "
-               "quantized |", "|" + "---|" * 13]
-    for res in results:
-        g, b, st = res["goals"], res["bound"], res["stages"]
+    return sum(f.stat().st_size for f in Path(resolve_model_path(model_path)).glob("*.safetensors"))
 
-        def yes(key):
-            return "yes" if all(g.get(f"{s}_{key}", False) for s in BOUND_STAGES) else "no"
 
-        measured = (f"{yes('within_bound_measured_runtime')} ({b['bound_measured_runtime_mb']:.0f})"
-                    if "bound_measured_runtime_mb" in b else "-")
-        summary.append(
-            f"| {res['label']} | {res['mode']} | {b['bound_mb']:.0f} ({b['embeddings_mb']:.0f} + {b['lm_head_mb']:.0f}"
-            f" + {b['two_layers_mb']:.0f} + {b['activations_mb']:.0f} + {b['runtime_mb']}) | "
-            f"{st.get('compress', {}).get('peak_rss_mb', '-')} | {st.get('quantize', {}).get('peak_rss_mb', '-')} | "
-            f"{yes('within_bound')} | {measured} | {'yes' if g.get('compress_below_half_fp32') else 'no'} "
-            f"({b['model_fp32_mb'] / 2:.0f}) | {g['max_stage']} {g['max_stage_peak_rss_mb']:.0f} | "
-            f"{res['process_peak_rss_mb']:.0f} | {res['wall_seconds']:.0f} | {res.get('achieved_ratio')} | "
-            f"{' / '.join(f'{v:.2f}' for v in (res.get('perplexity') or {}).values())} |")
-    c = results[0]["recipe"] if results else {}
-    cal, ev = c.get("calibration", {}), c.get("evaluation", {})
-    md = ["## Scale: peak memory per stage, streamed from disk (`scripts/bench_scale.py`)", "",
-          f"Machine: {facts['cpu']}, {facts['cores']} cores, {facts['memory_gb']} GB RAM, no swap assumed; "
-          f"Python {facts['python']}, torch {facts['torch']} ({facts['torch_threads']} threads); "
-          f"load average at start {facts['load_average_at_start']} (the machine was shared); {facts['date']}.", "",
-          f"Pipeline (one `flatllm-export run` per row group, in its own process): FLAT-LLM {c.get('compression', {}).get('ratio')} "
-          f"(IPRS, variant `{c.get('compression', {}).get('variant')}`) -> GPTQ int4 (sym, act-order off; group 128 "
-          "on the random model, 32 on SmolLM2 whose 576-wide rows hold no whole group of 128) -> exports "
-          f"{' + '.join(c.get('export', {}).get('targets', []))} (`export.dtype: float16`; in ONNX, linears int4 "
-          "`MatMulNBits`; lm_head GPTQ int4). Calibration: "
-          f"{cal.get('nsamples')} x {cal.get('seqlen')} tokens of the bundled Shakespeare train plays, seed "
-          f"{cal.get('seed')}, batch {cal.get('batch_size')}, activations `{cal.get('activation_dtype', 'model')}`. "
-          f"Evaluation: {ev.get('max_windows')} windows of {ev.get('seqlen')} tokens of the test plays. "
-          f"Random model: seed {args.seed}, weights N(0, 0.02), norms 1, untied head, SmolLM2's tokenizer; its "
-          "perplexity means nothing (random weights), only memory and time do.", "",
-          "Peak RSS is the run process's resident memory sampled every 20 ms during the stage (report.json "
-          "`stages.<name>.peak_rss_mb`), so it includes the Python / torch runtime and the mapped pages of "
-          "safetensors files read. **Bound** (the issue's goal, for compress and quantize): embeddings + lm_head + 2 "
-          "decoder layers (fp32 bytes from config.json; a tied head counted as its own tensor) + calibration "
-          "activations (nsamples x seqlen x hidden x 4 bytes x 2 buffers) + 300 MB. A fresh process that has "
-          f"only imported what a run imports (torch, transformers, this package, the exporters, onnxruntime) is "
-          f"already {facts.get('runtime_rss_mb', '?')} MB resident on this machine, so the bound is also given with "
-          "that measured runtime in place of 300 MB. Each stage starts after a garbage collection and "
-          "`malloc_trim(0)`, so memory an earlier stage freed is not counted again; a run pins glibc's mmap "
-          "threshold at 1 MB, so freed tensors go back to the system. *Whole run peak* is the run "
-          "process's lifetime maximum (wait4).", "",
-          *summary, "", *table, ""]
-    if c.get("compression", {}).get("variant") == "paper":
-        notes.append("FLAT-LLM variant `paper` (leverage-score MLP channels) for time: the default variant `ablation`'s "
-                     "greedy MLP selection costs about n^2 x kept float64 work per layer (n = 6,912 here). It used to "
-                     "fail here ('covariance is not positive definite') when the channels kept outnumber the "
-                     "calibration tokens (16 x 256 = 4,096); fixed on 2026-11-28 (a rank-aware selection, "
-                     "tests/test_flatllm_math.py::test_greedy_keeps_more_channels_than_calibration_tokens).")
+def write_docs(results: list[dict], notes: list[str]) -> None:
+    """docs/bench_scale.{md,json}: per model, streamed against in memory (medians over rounds): the whole run's
+    peak RSS against the checkpoint, seconds, and every stage's seconds and peak."""
+    gib, mib = 2**30, 2**20
+    by_model: dict[str, dict[str, list[dict]]] = {}
+    for r in results:
+        by_model.setdefault(r["label"], {}).setdefault(r["mode"], []).append(r)
+    summary = ["| model | checkpoint GiB | mode | runs | whole run peak RSS GiB | peak / checkpoint | below half the "
+               "checkpoint | largest stage (peak MiB) | runtime + embeddings + lm_head MiB | whole run s (median) | "
+               "s streamed / in memory |", "|" + "---|" * 11]
+    stages = ["| model | stage | s in memory | s streamed | streamed / in memory | peak RSS MiB in memory | "
+              "peak RSS MiB streamed |", "|" + "---|" * 7]
+    rows = []
+    for label, modes in by_model.items():
+        mem, st = modes.get("in memory", []), modes.get("streamed", [])
+        wall = {m: statistics.median(r["wall_seconds"] for r in rs) for m, rs in modes.items()}
+        ratio = f"{wall['streamed'] / wall['in memory']:.2f}" if mem and st else "-"
+        for mode in ("in memory", "streamed"):
+            rs = modes.get(mode, [])
+            if not rs:
+                continue
+            ck = rs[0]["checkpoint_bytes"]
+            peak = max(r["process_peak_rss_mb"] for r in rs) * mib
+            row = {"model": label, "checkpoint_gib": round(ck / gib, 2), "mode": mode, "runs": len(rs),
+                   "whole_run_peak_gib": round(peak / gib, 2), "peak_over_checkpoint": round(peak / ck, 2),
+                   "below_half_checkpoint": peak < ck / 2, "whole_run_seconds_median": wall[mode],
+                   "seconds_streamed_over_in_memory": ratio if mode == "streamed" else None}
+            top = max((r for r in rs), key=lambda r: r["goals"]["max_stage_peak_rss_mb"])["goals"]
+            b = rs[0]["bound"]
+            row.update(largest_stage=top["max_stage"], largest_stage_peak_mb=top["max_stage_peak_rss_mb"],
+                       resident_floor_mb=round(b.get("runtime_measured_mb", b["runtime_mb"]) + b["embeddings_mb"]
+                                               + b["lm_head_mb"]))
+            rows.append(row)
+            summary.append(f"| {label} | {row['checkpoint_gib']} | {mode} | {len(rs)} | {row['whole_run_peak_gib']}"
+                           f" | {row['peak_over_checkpoint']} | {'yes' if row['below_half_checkpoint'] else 'no'} "
+                           f"| {row['largest_stage']} ({row['largest_stage_peak_mb']:.0f}) | "
+                           f"{row['resident_floor_mb']} | {wall[mode]:.1f} | {ratio if mode == 'streamed' else ''} |")
+        names = list(dict.fromkeys(k for r in mem + st for k in r["stages"]))
+        for name in names:
+            def med(rs, field):
+                v = [r["stages"][name][field] for r in rs if name in r["stages"]]
+                return statistics.median(v) if v else None
+
+            sm, ss = med(mem, "seconds"), med(st, "seconds")
+            pm = max((r["stages"][name]["peak_rss_mb"] for r in mem if name in r["stages"]), default=None)
+            ps = max((r["stages"][name]["peak_rss_mb"] for r in st if name in r["stages"]), default=None)
+            cells = [f"{sm:.1f}" if sm is not None else "-", f"{ss:.1f}" if ss is not None else "-",
+                     f"{ss / sm:.2f}" if sm and ss is not None else "-",
+                     f"{pm:.0f}" if pm is not None else "-", f"{ps:.0f}" if ps is not None else "-"]
+            stages.append(f"| {label} | {name} | " + " | ".join(cells) + " |")
+    commands = list(dict.fromkeys((r.get("command", "?"), r.get("commit", "?")) for r in results))
+    facts = results[0].get("machine", {})
+    first = next((r for r in results if r["mode"] == "streamed"), results[0])
+    recipe = {**first["recipe"], "model": {**first["recipe"]["model"], "path": "<model>"}}
+    md = ["## Scale: memory and time of a streamed run against one in memory (`scripts/bench_scale.py`)", "",
+          "Measured with " + "; ".join(f"`{c}` at commit `{h}`" for c, h in commands) + ".", "",
+          f"Machine: {facts.get('cpu')}, {facts.get('cores')} cores, {facts.get('memory_gb')} GiB RAM; Python "
+          f"{facts.get('python')}, torch {facts.get('torch')}; every run with one thread (`OMP_NUM_THREADS="
+          f"{facts.get('omp_num_threads')}`).", "",
+          "Each row is `flatllm-export run` in its own process, on this recipe (streamed: as shown, `model.stream` "
+          "unset, which streams a model stored as safetensors; in memory: the same with `model.stream: false`):", "",
+          "```yaml", yaml.safe_dump(recipe, sort_keys=False).rstrip(), "```", "",
+          "*Whole run peak RSS* is the run process's lifetime maximum resident memory (wait4's ru_maxrss), against "
+          "the checkpoint's size (the bytes of its safetensors files). Stage peaks are resident memory sampled every "
+          "20 ms during the stage (report.json `stages.<name>.peak_rss_mb`); both include the Python / torch runtime "
+          "and the mapped pages of safetensors files read. Seconds are medians over the runs of a mode; runs of the "
+          "two modes alternate. *Runtime + embeddings + lm_head* is what a streamed run holds throughout: a fresh "
+          "process that has imported what a run imports (measured), and the embedding and head tables in fp32 "
+          "(counted apart even when tied). The random model's weights are N(0, 0.02) (seeded), its norms 1, its head untied, "
+          "its tokenizer SmolLM2's: its perplexity means nothing, only memory and time do.", "",
+          *summary, "", *stages, ""]
     if notes:
         md += ["Notes:", ""] + [f"- {n}" for n in notes] + [""]
     DOCS.mkdir(exist_ok=True)
-    (DOCS / "bench_scale.json").write_text(json.dumps({"machine": facts, "results": results, "rows": rows,
+    (DOCS / "bench_scale.json").write_text(json.dumps({"commands": [{"command": c, "commit": h} for c, h in commands],
+                                                      "machine": facts, "summary": rows, "results": results,
                                                       "notes": notes}, indent=1) + "\n")
     (DOCS / "bench_scale.md").write_text("\n".join(md))
     print("\n".join(md))
@@ -518,6 +541,10 @@ def main(argv=None) -> int:
                    help="calibration.activation_dtype (default: the recipe's default)")
     g.add_argument("--targets", default="hf,onnx", help="export targets, comma-separated")
     g.add_argument("--validate", action="store_true", help="add a validation section (torch + onnxruntime)")
+    g.add_argument("--plain", action="store_true", help="the plain recipe (plain_recipe): FLAT-LLM with the "
+                   "default variant, general calibration, hf export, no quantization, no model.stream key")
+    g.add_argument("--rounds", type=int, default=1, help="SmolLM2 runs per mode, alternating in-memory / streamed")
+    g.add_argument("--note", action="append", default=[], help="a note for the docs (repeatable)")
     g.add_argument("--memory", action="store_true", help="run the random model in memory (stream: false)")
     g.add_argument("--skip-big", action="store_true", help="no random-weight model run")
     g.add_argument("--skip-small", action="store_true", help="no SmolLM2-135M runs")
@@ -548,18 +575,21 @@ def main(argv=None) -> int:
             print(json.dumps(out, indent=1))
         return 0
 
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # the runs inherit it: one thread each unless set otherwise
+    command = "python scripts/bench_scale.py " + " ".join(sys.argv[1:] if argv is None else argv)
     facts = machine()
     runtime_mb = facts["runtime_rss_mb"] = runtime_rss_mb()
     results_file = args.out / "results.json"
     cached = json.loads(results_file.read_text()) if results_file.is_file() else {}
-    notes: list[str] = []
+    notes: list[str] = list(args.note)
     fresh: dict[str, dict] = {}
 
     def record(run_id, label, mode, recipe, model_path, extra=None):
         res = run_recipe(run_id, recipe, args.out)
         cfg = model_config(model_path)
         res.update(label=label, mode=mode, recipe=recipe, settings=settings_key(recipe),
-                   bound=bound(cfg, args.nsamples, args.seqlen, runtime_mb), **(extra or {}))
+                   bound=bound(cfg, args.nsamples, args.seqlen, runtime_mb), command=command, commit=commit(),
+                   machine=facts, checkpoint_bytes=checkpoint_bytes(model_path), **(extra or {}))
         res["goals"] = goals(res)
         fresh[run_id] = res
         if results_file.is_file():  # another invocation may have recorded runs meanwhile
@@ -572,29 +602,27 @@ def main(argv=None) -> int:
     if args.report_only:
         args.skip_small = args.skip_big = True
     if not args.skip_small:
-        for stream in (False, True):
-            mode = "streamed" if stream else "in memory"
-            record(f"smollm2-135m-{'stream' if stream else 'memory'}", "SmolLM2-135M", mode,
-                   make_recipe(SMALL, stream, args, 32), SMALL)
+        for r in range(args.rounds):  # alternating, so a change in the machine's load hits both modes alike
+            for stream in (False, True):
+                mode = "streamed" if stream else "in memory"
+                suffix = f"-r{r + 1}" if args.rounds > 1 else ""
+                record(f"smollm2-135m{'-plain' if args.plain else ''}-{'stream' if stream else 'memory'}{suffix}",
+                       "SmolLM2-135M", mode, make_recipe(SMALL, stream, args, 32), SMALL, {"round": r + 1})
     if not args.skip_big:
         need = (0 if model_complete(folder, s) else size) + 2 * size  # model + run outputs and streamed layers
         check_disk(folder, need, f"the random model ({size / 1e9:.1f} GB) and its run's outputs (~2x)")
         info = build_model(folder, s)
-        run_id = f"random-{s['layers']}L-h{s['hidden']}-{'memory' if args.memory else 'stream'}"
+        run_id = (f"random-{s['layers']}L-h{s['hidden']}{'-plain' if args.plain else ''}-"
+                  f"{'memory' if args.memory else 'stream'}")
         res = record(run_id, f"random Llama {size // 4 / 1e9:.2f}B", "in memory" if args.memory else "streamed",
                      make_recipe(str(folder), not args.memory, args, 128), str(folder), {"model_built": info})
         if not args.keep:
             shutil.rmtree(res["output"], ignore_errors=True)
-            notes.append(f"the random model's run output ({sum(res['output_bytes'].values()) / 1e9:.1f} GB) was "
-                         "deleted after its report was read (--keep keeps it)")
     # this invocation's rows, plus earlier ones of the same settings (e.g. the big run before a --skip-big rerun)
     settings = {r["settings"] for r in fresh.values()}
     results = [r for k, r in cached.items() if k in fresh or r["settings"] in settings or not fresh]
-    if any(k not in fresh for k in (r["run"] for r in results)):
-        notes.append("rows of runs not repeated by this invocation come from earlier runs of the same settings "
-                     f"({args.out / 'results.json'})")
     if results:
-        write_docs(results, facts, args, notes)
+        write_docs(results, notes)
     return 0
 
 

@@ -214,3 +214,35 @@ def test_disk_full_while_writing_a_layer(capsys, monkeypatch, tmp_path, tiny_mod
     assert rc == 2 and f"could not write {tmp_path}/out.partial/.layers/layer-00000.v1.safetensors" in err, err
     assert "No space left on device" in err and "free disk space" in err
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+# ---- memory of writing shards
+
+def _rss_file_mb() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) / 1024
+    raise OSError("no RssFile")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs Linux /proc")
+def test_shard_check_holds_one_tensor_of_the_written_file(tmp_path, monkeypatch):
+    """write_sharded reads each shard back to compare it: the file's mapped pages read must not pile up into the
+    whole shard (they stay resident until the file is closed), only one tensor's at a time."""
+    import flatllm_export.modeling.shards as shards
+
+    mb = 16
+    tensors = {f"t{i}": torch.randn(mb * 2**18) for i in range(12)}  # 12 x 16 MiB in one shard
+    seen = []
+    equal = torch.equal
+
+    def sampled_equal(a, b):
+        out = equal(a, b)
+        seen.append(_rss_file_mb())
+        return out
+
+    monkeypatch.setattr(shards.torch, "equal", sampled_equal)
+    base = _rss_file_mb()
+    shards.write_sharded(tmp_path, [tensors])
+    assert len(seen) == len(tensors)
+    assert max(seen) - base < 3 * mb, f"file-backed RSS grew by {max(seen) - base:.0f} MiB while checking a shard"

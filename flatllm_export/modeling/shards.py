@@ -38,14 +38,20 @@ def model_parts(model, state_fn: StateFn) -> Iterator[dict[str, torch.Tensor]]:
 
 
 def _check_written(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """What was written reads back bit for bit."""
+    """What was written reads back bit for bit. The file is opened once per tensor: the pages of a memory-mapped
+    file that were read stay resident (and count in RSS) until it is closed, so one open for the whole check
+    would hold the whole shard (up to MAX_SHARD_BYTES) on top of the tensors being written."""
     with safe_open(str(path), framework="pt") as f:
-        if set(f.keys()) != set(tensors):
-            raise StreamError(f"{path} holds {sorted(set(f.keys()) ^ set(tensors))[:3]} it should not (or lacks them)")
-        for k, v in tensors.items():
+        keys = set(f.keys())
+    if keys != set(tensors):
+        raise StreamError(f"{path} holds {sorted(keys ^ set(tensors))[:3]} it should not (or lacks them)")
+    for k, v in tensors.items():
+        with safe_open(str(path), framework="pt") as f:
             got = f.get_tensor(k)
-            if got.dtype != v.dtype or not torch.equal(got, v.cpu()):
-                raise StreamError(f"{path}: {k} on disk differs from the model's tensor")
+            same = got.dtype == v.dtype and torch.equal(got, v.cpu())
+            del got
+        if not same:
+            raise StreamError(f"{path}: {k} on disk differs from the model's tensor")
 
 
 def write_sharded(out: Path, parts, max_shard_bytes: int = MAX_SHARD_BYTES) -> dict:
