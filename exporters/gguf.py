@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from flatllm_export.emulation import head_tables, table_formats
+from flatllm_export.emulation import head_label, head_tables, table_formats
 from flatllm_export.modeling.modeling_flatllm import HeadwiseLowRank, LowRankLinear
 from flatllm_export.modeling.streaming import layers_of
 from flatllm_export.quantize.ggml import BLOCK, GGML_TYPES, ggml_blocker, ggml_blocks, pad_heads, rope_row_order
@@ -206,8 +206,7 @@ def write_gguf(model, tokenizer, path: Path, dtype: str, embedding: str = "auto"
         table, head = head_tables(model, emb_format, head_format, BLOCK)
         one_table = bool(cfg.tie_word_embeddings) and emb_format == head_format  # llama.cpp reads output from it
         writer.add_string("flatllm_export.embedding", emb_format)
-        writer.add_string("flatllm_export.lm_head", head_format + ("-gptq" if isinstance(model.lm_head, QuantLinear)
-                                                                   else ""))
+        writer.add_string("flatllm_export.lm_head", head_label(model, head_format))
         t.table("token_embd", table)
         factors = rope_factors(model)
         if factors is not None:

@@ -25,10 +25,9 @@ import numpy as np
 import onnx
 import torch
 
-from flatllm_export.emulation import Arithmetic, table_formats
+from flatllm_export.emulation import Arithmetic, head_label, table_formats
 from flatllm_export.modeling.streaming import layers_of
 from flatllm_export.parity import DEFAULT_K, DTYPE_OF_KIND, judge_layers, judge_logits, onnx_floor_kind
-from flatllm_export.modeling.qlinear import QuantLinear
 from flatllm_export.runtime.ort import META_FILE, META_FORMAT
 
 from . import DEFAULT_ACCURACY_LEVEL, ExportContext, ExportError, register
@@ -171,7 +170,7 @@ def export_graph(model, path: Path, opts: GraphOptions) -> dict:
 def write_metadata(model, out: Path, dtype: str, opts: GraphOptions, int4: bool) -> dict:
     cfg = model.config
     inputs, outputs = io_names(cfg.num_hidden_layers, opts.attention != "gqa")
-    lm_head = f"int{model.lm_head.bits}-gptq" if isinstance(model.lm_head, QuantLinear) else opts.lm_head
+    lm_head = head_label(model, opts.lm_head)
     meta = {
         "format": META_FORMAT,
         "model_type": cfg.model_type, "filename": "model.onnx", "dtype": dtype, "opset": OPSET,

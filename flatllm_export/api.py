@@ -17,7 +17,7 @@ from . import accounting, data, report
 from .errors import InputError
 from .evaluate import model_perplexity
 from .modeling import load_model, load_tokenizer
-from .recipe import Recipe, RecipeError, dump_recipe
+from .recipe import RUNTIME_TARGETS, Recipe, RecipeError, dump_recipe
 from .files import OutputDir, finished_folder, read_json
 from .stages import StageLog, pin_mmap_threshold
 from .parity import DEFAULT_K
@@ -220,8 +220,8 @@ def export_stages(model, tokenizer, recipe: Recipe, eval_sets: dict[str, torch.T
                                "embedding": recipe.head_format("embedding"), "lm_head": recipe.head_format("lm_head"),
                                "pad_value_cache": recipe.export.pad_value_cache,
                                "attention": recipe.export.attention})
-    validated = {"gptq": "gptq", "onnx": "onnxruntime"}
-    keep = {t for t, rt in validated.items() if recipe.validation and rt in recipe.validation.runtimes}
+    keep = {RUNTIME_TARGETS[rt] for rt in recipe.validation.runtimes if rt in RUNTIME_TARGETS} \
+        if recipe.validation else set()
     exports = {}
     for target in recipe.export.targets:
         with log.stage(f"export_{target}") as st:
@@ -248,7 +248,9 @@ def validate_outputs(folder: Path, recipe: Recipe, tokenizer, model, note: str, 
                for name in val.datasets or recipe.evaluation.datasets}
     others, gptq_model, opened = [], None, opened or {}
     if "gptq" in val.runtimes:
-        gptq_model = opened.get("gptq") or load_model(str(folder / "gptq"), stream=recipe.streams())
+        gptq_model = opened.get("gptq")
+        if gptq_model is None:
+            gptq_model = load_model(str(folder / "gptq"), stream=recipe.streams())
         others.append(torch_runtime("gptq", gptq_model, "reloaded checkpoint"))
     if "onnxruntime" in val.runtimes:
         others.append(onnx_runtime(folder / "onnx", opened.get("onnx")))
@@ -304,8 +306,7 @@ def validate_dir(folder: str | Path) -> dict:
     if recipe.evaluation is None:
         raise InputError(f"{folder}/recipe.yaml has no evaluation section: nothing to validate on")
     if recipe.validation is None:
-        runtimes = ["torch"] + [rt for rt, t in (("onnxruntime", "onnx"), ("gptq", "gptq"), ("llama.cpp", "gguf"))
-                               if (folder / t).is_dir()]
+        runtimes = ["torch"] + [rt for rt, t in RUNTIME_TARGETS.items() if (folder / t).is_dir()]
         recipe = recipe.model_copy(update={"validation": ValidationSection(runtimes=runtimes)})
     ref_dir = folder / "gptq" if (folder / "gptq").is_dir() else folder / "hf"
     if not ref_dir.is_dir():

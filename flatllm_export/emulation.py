@@ -198,6 +198,12 @@ def table_formats(model, embedding: str, lm_head: str) -> tuple[str, str]:
     return embedding, own
 
 
+def head_label(model, lm_head: str) -> str:
+    """The lm_head format an export records in its metadata: ``int<bits>-gptq`` for the model's own GPTQ head
+    (written as it is), else the format it rounds to (``Arithmetic`` reads the former as no approximation)."""
+    return f"int{model.lm_head.bits}-gptq" if isinstance(model.lm_head, QuantLinear) else lm_head
+
+
 def head_tables(model, embedding: str, lm_head: str, block: int, dtype: torch.dtype = torch.float32
                 ) -> tuple[torch.Tensor | QuantizedWeight, nn.Module | QuantizedWeight]:
     """The embedding table and the lm_head as an export with these formats stores them: (embedding: a float

@@ -335,10 +335,10 @@ class Recipe(Strict):
                                  "section (dataset, split, seqlen of the windows): add one or remove the key")
             if self.evaluation is None:
                 raise ValueError("validation needs an evaluation section (dataset, split, seqlen of the windows)")
-            need = {"onnxruntime": "onnx", "gptq": "gptq", "llama.cpp": "gguf"}
             for rt in self.validation.runtimes:
-                if rt in need and need[rt] not in targets:
-                    raise ValueError(f"validation.runtimes has '{rt}' but export.targets lacks '{need[rt]}'")
+                if rt in RUNTIME_TARGETS and RUNTIME_TARGETS[rt] not in targets:
+                    raise ValueError(f"validation.runtimes has '{rt}' but export.targets lacks "
+                                     f"'{RUNTIME_TARGETS[rt]}'")
             if "onnxruntime-genai" in self.validation.runtimes and "genai" not in targets:
                 c = self.compression
                 if "onnx" not in targets:
@@ -384,6 +384,10 @@ class Recipe(Strict):
             return value
         q = self.quantization
         return f"int{q.bits}" if q is not None and q.bits in (4, 8) else "float"
+
+
+# validation runtime -> the export target it runs (onnxruntime-genai: the genai target, else onnx)
+RUNTIME_TARGETS = {"onnxruntime": "onnx", "gptq": "gptq", "llama.cpp": "gguf"}
 
 
 def _format_errors(exc: ValidationError, source: str) -> str:

@@ -84,7 +84,7 @@ def onnx_runtime(folder: Path, dec=None) -> Runtime:
     """An ONNX export run by our onnxruntime decoder (``dec``: one already open on ``folder``)."""
     from .runtime.ort import OrtDecoder
 
-    dec = dec or OrtDecoder(folder)
+    dec = OrtDecoder(folder) if dec is None else dec
     kind, note, arith = _onnx_traits(dec.meta)
     return Runtime("onnxruntime", dec.logits_fn(), lambda ids, n: dec.generate(ids.numpy(), n), kind, note, arith,
                    lambda ids, prefill: dec.layer_streams(ids.numpy(), prefill))
